@@ -1,0 +1,8 @@
+"""gcsurgery: gradient correction (GC-W + GC-ODE) for any timm or torchvision CNN, by torch.fx surgery."""
+
+from .errors import GCSurgeryError
+from .models import cifar_resnet
+
+__version__ = "0.1.0"
+
+__all__ = ["GCSurgeryError", "cifar_resnet", "__version__"]
