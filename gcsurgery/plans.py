@@ -1,0 +1,371 @@
+"""The insertion plan: which hidden states get GC-ODE pairs, which layers get GC-W. Plans are data.
+
+A `Plan` is frozen; it prints as an aligned table, round-trips through JSON, can be edited with
+`without()`, compared with `diff()`, and drawn (`to_dot()`, `draw()`). `plan(model)` builds the automatic
+one: trace → analyze → Plan.
+"""
+
+import dataclasses
+import hashlib
+import json
+
+import torch
+from torch import nn
+
+from .analyze import analyze
+from .errors import GCSurgeryError
+from .trace import Leaf, trace
+
+__all__ = ["GCWSite", "Plan", "State", "plan", "fingerprint", "default_example_inputs"]
+
+PLAN_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """A hidden state h_i: a node every input→output path passes through."""
+
+    node: str  # fx node name in the traced graph
+    module: str  # qualified name of the module that produces it
+    shape: tuple[int, ...]  # without batch, in the tensor's own layout
+    layout: str  # "NCHW" | "NHWC" | "NLC"
+    num_chs: int
+    reduction: int  # input size / spatial size, a power of two
+
+
+@dataclasses.dataclass(frozen=True)
+class GCWSite:
+    """A weight whose gradient GC-W corrects: the last weighted layer on the main path to state `state`."""
+
+    module: str  # e.g. "layer1.1.conv2"
+    param: str  # e.g. "layer1.1.conv2.weight"
+    state: int  # index of the hidden state it produces
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What gcify inserts, and where. Build it with `gcsurgery.plan(model)`; edit it with `without()`."""
+
+    model: str
+    input_shape: tuple[int, ...]
+    states: tuple[State, ...]
+    ode_pairs: tuple[tuple[int, int], ...]
+    gcw_sites: tuple[GCWSite, ...]
+    leaves: tuple[Leaf, ...] = ()
+    notes: tuple[str, ...] = ()
+    fingerprint: str = ""
+
+    def __post_init__(self):
+        n = len(self.states)
+        for pair in self.ode_pairs:
+            if len(pair) != 2 or not all(isinstance(i, int) and 0 <= i < n for i in pair) or pair[0] >= pair[1]:
+                raise GCSurgeryError(
+                    f"GC-ODE pair {pair!r} is not (src, dst) with 0 <= src < dst < {n} (the plan has {n} states)."
+                )
+        for site in self.gcw_sites:
+            if not 0 <= site.state < n:
+                raise GCSurgeryError(f"GC-W site {site.param!r} names state {site.state}, but the plan has {n}.")
+
+    # -- editing --------------------------------------------------------------------------------------------
+
+    def without(self, *, pairs=(), gcw=()) -> "Plan":
+        """A copy without some GC-ODE pairs and GC-W sites.
+
+        Args:
+            pairs: indices into `ode_pairs`, or `(src, dst)` tuples.
+            gcw: indices into `gcw_sites`, or module / parameter names.
+        """
+        drop_pairs = {self._pair_index(p) for p in pairs}
+        drop_sites = {self._site_index(s) for s in gcw}
+        return dataclasses.replace(
+            self,
+            ode_pairs=tuple(p for i, p in enumerate(self.ode_pairs) if i not in drop_pairs),
+            gcw_sites=tuple(s for i, s in enumerate(self.gcw_sites) if i not in drop_sites),
+        )
+
+    def _pair_index(self, p) -> int:
+        if isinstance(p, int) and not isinstance(p, bool) and -len(self.ode_pairs) <= p < len(self.ode_pairs):
+            return p % len(self.ode_pairs)
+        if isinstance(p, tuple | list) and tuple(p) in self.ode_pairs:
+            return self.ode_pairs.index(tuple(p))
+        raise GCSurgeryError(
+            f"no GC-ODE pair {p!r} in this plan; valid: indices 0..{len(self.ode_pairs) - 1} "
+            f"or one of {list(self.ode_pairs)}."
+        )
+
+    def _site_index(self, s) -> int:
+        n = len(self.gcw_sites)
+        if isinstance(s, int) and not isinstance(s, bool) and -n <= s < n:
+            return s % n
+        for i, site in enumerate(self.gcw_sites):
+            if s in (site.module, site.param):
+                return i
+        raise GCSurgeryError(
+            f"no GC-W site {s!r} in this plan; valid: indices 0..{n - 1} "
+            f"or one of {[site.module for site in self.gcw_sites]}."
+        )
+
+    def diff(self, other: "Plan") -> list[str]:
+        """Human-readable differences from `other` (empty when the plans insert the same things)."""
+        out = []
+        if self.fingerprint != other.fingerprint:
+            out.append(f"model: {self.model} [{self.fingerprint}] vs {other.model} [{other.fingerprint}]")
+        a, b = [s.node for s in self.states], [s.node for s in other.states]
+        if a != b:
+            out.append(f"states: {a} vs {b}")
+        for p in sorted(set(self.ode_pairs) - set(other.ode_pairs)):
+            out.append(f"- GC-ODE pair h{p[0]}->h{p[1]}")
+        for p in sorted(set(other.ode_pairs) - set(self.ode_pairs)):
+            out.append(f"+ GC-ODE pair h{p[0]}->h{p[1]}")
+        mine, theirs = {s.param for s in self.gcw_sites}, {s.param for s in other.gcw_sites}
+        out += [f"- GC-W {p}" for p in sorted(mine - theirs)] + [f"+ GC-W {p}" for p in sorted(theirs - mine)]
+        return out
+
+    # -- serialisation --------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["format"] = PLAN_FORMAT
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **{"indent": 1, **kwargs})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise GCSurgeryError(
+                f"not a gcsurgery plan (format {PLAN_FORMAT} expected, got {d.get('format') if isinstance(d, dict) else type(d).__name__!r}); "
+                "write plans with Plan.to_json()."
+            )
+        try:
+            return cls(
+                model=d["model"],
+                input_shape=tuple(d["input_shape"]),
+                states=tuple(State(**{**s, "shape": tuple(s["shape"])}) for s in d["states"]),
+                ode_pairs=tuple(tuple(p) for p in d["ode_pairs"]),
+                gcw_sites=tuple(GCWSite(**s) for s in d["gcw_sites"]),
+                leaves=tuple(Leaf(**leaf) for leaf in d.get("leaves", ())),
+                notes=tuple(d.get("notes", ())),
+                fingerprint=d.get("fingerprint", ""),
+            )
+        except (KeyError, TypeError) as e:
+            raise GCSurgeryError(f"malformed plan: {type(e).__name__}: {e}; write plans with Plan.to_json().") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise GCSurgeryError(f"plan JSON does not parse: {e}; write plans with Plan.to_json().") from e
+
+    # -- printing and drawing -------------------------------------------------------------------------------
+
+    def _inserts(self, i: int) -> str:
+        parts = [f"ODE{k} h{a}->h{b}" for k, (a, b) in enumerate(self.ode_pairs) if b == i]
+        parts += [f"GC-W {s.module}" for s in self.gcw_sites if s.state == i]
+        return ", ".join(parts) or "-"
+
+    def __str__(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        head = (
+            f"Plan for {self.model} [{self.fingerprint}] on input {shape}: {len(self.states)} states, "
+            f"{len(self.ode_pairs)} GC-ODE pairs, {len(self.gcw_sites)} GC-W sites"
+        )
+        rows = [("idx", "node", "module", "chs", "red", "shape", "inserts")]
+        for i, s in enumerate(self.states):
+            dims = "x".join(map(str, s.shape))
+            rows.append(
+                (
+                    f"h{i}",
+                    s.node,
+                    s.module or "-",
+                    str(s.num_chs),
+                    str(s.reduction),
+                    f"{dims} {s.layout}",
+                    self._inserts(i),
+                )
+            )
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        right = {3, 4}
+        lines = [head]
+        for r in rows:
+            cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))]
+            lines.append("  ".join(cells).rstrip())
+        lines += [f"leaf: {leaf.module} ({leaf.reason})" for leaf in self.leaves]
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        """The plan as Graphviz DOT: states on the main path, GC-ODE pairs as dashed edges."""
+        lines = ["digraph plan {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica"];']
+        for i, s in enumerate(self.states):
+            gcw = "".join(f"\\nGC-W {site.module}" for site in self.gcw_sites if site.state == i)
+            label = f"h{i}: {s.node}\\n{s.num_chs} ch, /{s.reduction}{gcw}"
+            lines.append(f'  h{i} [label="{label}"{", style=filled, fillcolor=lightyellow" if gcw else ""}];')
+        for i in range(1, len(self.states)):
+            lines.append(f'  h{i - 1} -> h{i} [label="stage {i}"];')
+        for k, (a, b) in enumerate(self.ode_pairs):
+            lines.append(f'  h{a} -> h{b} [style=dashed, color=blue, label="ODE{k}", constraint=false];')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def draw(self, path: str) -> None:
+        """Writes a PNG drawing of the plan (matplotlib)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = len(self.states)
+        fig, ax = plt.subplots(figsize=(max(6, 2.4 * n), 3.2))
+        for i, s in enumerate(self.states):
+            gcw = any(site.state == i for site in self.gcw_sites)
+            ax.text(
+                i,
+                0,
+                f"h{i}\n{s.node}\n{s.num_chs} ch, /{s.reduction}" + ("\nGC-W" if gcw else ""),
+                ha="center",
+                va="center",
+                fontsize=8,
+                bbox={"boxstyle": "round", "fc": "lightyellow" if gcw else "white", "ec": "black"},
+            )
+            if i:
+                ax.annotate("", (i - 0.32, 0), (i - 1 + 0.32, 0), arrowprops={"arrowstyle": "->"})
+        for k, (a, b) in enumerate(self.ode_pairs):
+            ax.annotate(
+                "",
+                (b, 0.32),
+                (a, 0.32),
+                arrowprops={"arrowstyle": "->", "color": "tab:blue", "ls": "--", "connectionstyle": "arc3,rad=-0.4"},
+            )
+            ax.text((a + b) / 2, 0.62 + 0.1 * (b - a - 1), f"ODE{k}", color="tab:blue", ha="center", fontsize=8)
+        ax.set_xlim(-0.7, n - 0.3)
+        ax.set_ylim(-0.6, 1.1)
+        ax.axis("off")
+        ax.set_title(f"{self.model}: {len(self.ode_pairs)} GC-ODE pairs, {len(self.gcw_sites)} GC-W sites", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+# -- building plans ---------------------------------------------------------------------------------------
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's class and its parameter and buffer names and shapes."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+    return h.hexdigest()[:12]
+
+
+def default_example_inputs(model: nn.Module) -> torch.Tensor:
+    """An example batch: timm's `pretrained_cfg["input_size"]` when the model has one, else 1x3x224x224."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    return torch.randn(1, *size)
+
+
+def _first_conv_in_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d):
+            return m.in_channels
+    return None
+
+
+def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
+    """Validates (or builds, from a shape) the example batch for tracing and shape propagation."""
+    if example is None:
+        return default_example_inputs(model)
+    if isinstance(example, tuple | list) and all(isinstance(d, int) for d in example):
+        example = torch.randn(*example)
+    if isinstance(example, tuple | list) and len(example) == 1 and isinstance(example[0], torch.Tensor):
+        example = example[0]
+    if not isinstance(example, torch.Tensor):
+        raise GCSurgeryError(
+            f"example_inputs must be a tensor (or a shape tuple), got {type(example).__name__}; "
+            "pass e.g. torch.randn(2, 3, 224, 224)."
+        )
+    if example.dim() != 4:
+        raise GCSurgeryError(
+            f"example_inputs must be a 4-D image batch (B, C, H, W), got shape {tuple(example.shape)}; "
+            "add the batch dimension with x.unsqueeze(0) or pass e.g. torch.randn(2, 3, 224, 224)."
+        )
+    if not example.is_floating_point():
+        raise GCSurgeryError(f"example_inputs must be floating point, got {example.dtype}; use x.float().")
+    chans = _first_conv_in_channels(model)
+    if chans is not None and example.shape[1] != chans:
+        raise GCSurgeryError(
+            f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the model's "
+            f"first convolution expects {chans}; pass an input with {chans} channels."
+        )
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        if not param.is_floating_point():
+            raise GCSurgeryError(f"the model's parameters are {param.dtype}; gcsurgery needs a float model.")
+        example = example.to(device=param.device, dtype=param.dtype)
+    return example
+
+
+def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
+    info = getattr(model, "feature_info", None)
+    try:
+        stages = [(f["num_chs"], f["reduction"], f.get("module", "")) for f in info]
+    except (TypeError, KeyError):
+        return []
+    if not stages:
+        return []
+    have = {(s.num_chs, s.reduction) for s in states}
+    missing = [f"{m} ({c} ch, /{r})" for c, r, m in stages if (c, r) not in have]
+    if not missing:
+        return [f"matches all {len(stages)} stages of timm's feature_info"]
+    return [f"differs from timm's feature_info at: {', '.join(missing)}"]
+
+
+def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
+    """Builds the automatic insertion plan for a CNN.
+
+    Args:
+        model: a timm, torchvision or user CNN (left untouched; its train/eval mode is restored).
+        example_inputs: an example batch (or its shape); default from timm's `pretrained_cfg`, else 1x3x224x224.
+        leaf_modules: submodules to keep opaque when tracing: qualified names or classes.
+
+    Returns:
+        The plan: hidden states h0..hN, GC-ODE pairs (h_{i-1}, h_i), and one GC-W site per stage.
+    """
+    example = check_example_inputs(model, example_inputs)
+    traced = trace(model, leaf_modules=leaf_modules)
+    result = analyze(traced.eval, example)
+    states = tuple(
+        State(s.node, s.module, tuple(s.info.shape[1:]), s.info.layout, s.info.channels, s.info.reduction)
+        for s in result.states
+    )
+    notes = list(result.notes)
+    if traced.dual:
+        train_nodes = {n.name: n for n in traced.train.graph.nodes}
+        eval_nodes = {n.name: n for n in traced.eval.graph.nodes}
+        absent = [
+            s.node
+            for s in states
+            if s.node not in train_nodes or train_nodes[s.node].target != eval_nodes[s.node].target
+        ]
+        if absent:
+            raise GCSurgeryError(
+                f"{type(model).__name__} traces to different graphs in train and eval mode, and the hidden states "
+                f"{absent} of the eval graph have no counterpart in the train graph; pass leaf_modules= naming the "
+                f"blocks whose forward branches on self.training."
+            )
+        notes.append("traces differently in train and eval mode; the states exist in both graphs")
+    notes += _cross_check(model, states)
+    sites = tuple(GCWSite(s.gcw_module, s.gcw_param, i) for i, s in enumerate(result.states) if s.gcw_param)
+    return Plan(
+        model=type(model).__name__,
+        input_shape=tuple(example.shape),
+        states=states,
+        ode_pairs=tuple((i - 1, i) for i in range(1, len(states))),
+        gcw_sites=sites,
+        leaves=traced.leaves,
+        notes=tuple(notes),
+        fingerprint=fingerprint(model),
+    )

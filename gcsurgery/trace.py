@@ -1,0 +1,176 @@
+"""Pass 1: symbolic tracing with torch.fx.
+
+The tracer honours timm's not-trace registry (modules and functions timm marks as untraceable) and the
+user's `leaf_modules`. When a submodule still fails to trace, it becomes a leaf and the model is traced
+again; each such leaf is recorded with the reason, so the plan can say what it could not look inside.
+Models whose forward branches on `self.training` trace to different graphs in train and eval mode: both
+graphs are traced, and the caller decides whether they differ.
+"""
+
+import dataclasses
+import traceback
+
+import torch
+from torch import fx, nn
+
+from .errors import GCSurgeryError
+
+__all__ = ["Leaf", "Traced", "trace"]
+
+MAX_FALLBACK_LEAVES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """A submodule traced as one opaque call, and why."""
+
+    module: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Traced:
+    """The train- and eval-mode graphs of one model (the same object when the model traces identically)."""
+
+    train: fx.GraphModule
+    eval: fx.GraphModule
+    leaves: tuple[Leaf, ...]
+
+    @property
+    def dual(self) -> bool:
+        return self.train is not self.eval
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is a dependency, but tracing plain torchvision models needs none of it
+        return (), ()
+    functions = tuple(f for f in get_notrace_functions() if callable(f))
+    return tuple(get_notrace_modules()), functions
+
+
+class GCTracer(fx.Tracer):
+    """An fx tracer with extra leaves by type and by qualified name, that remembers where tracing failed."""
+
+    def __init__(self, *, leaf_types: tuple[type, ...], leaf_names: frozenset[str], autowrap_functions: tuple):
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+        self.failed_module: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module fails first
+                self.failed_module = self.path_of_module(m)
+            raise
+
+
+def _trace_once(model: nn.Module, leaf_types, leaf_names, functions) -> fx.GraphModule:
+    tracer = GCTracer(leaf_types=leaf_types, leaf_names=leaf_names, autowrap_functions=functions)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        e.gc_failed_module = tracer.failed_module
+        raise
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _short_reason(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _where(e: Exception) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/fx/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} ({f.line})"
+
+
+def _trace_mode(model: nn.Module, training: bool, leaf_types, names: set[str], functions, leaves: list[Leaf]):
+    model.train(training)
+    while True:
+        try:
+            return _trace_once(model, leaf_types, frozenset(names), functions)
+        except Exception as e:
+            failed = getattr(e, "gc_failed_module", None)
+            if not failed or failed in names or len(leaves) >= MAX_FALLBACK_LEAVES:
+                where = f"module {failed!r}" if failed else f"the top-level {type(model).__name__}.forward"
+                raise GCSurgeryError(
+                    f"torch.fx cannot trace {type(model).__name__} ({'train' if training else 'eval'} mode): "
+                    f"tracing failed in {where}{_where(e)}: {_short_reason(e)}. "
+                    f"Pass leaf_modules=[...] naming the submodules that use data-dependent Python control flow, "
+                    f"or make the forward traceable (torch.fx.wrap for helper functions)."
+                ) from e
+            names.add(failed)
+            leaves.append(Leaf(failed, _short_reason(e)))
+
+
+def trace(model: nn.Module, *, leaf_modules=()) -> Traced:
+    """Traces `model` in train and eval mode, restoring its mode afterwards.
+
+    Args:
+        model: the network.
+        leaf_modules: submodules to keep opaque, given as qualified names (`"layer1.0"`) or module types.
+
+    Returns:
+        The traced graphs and the leaves added by the fallback.
+
+    Raises:
+        GCSurgeryError: the model is not an `nn.Module`, or still cannot be traced after the fallback.
+    """
+    if not isinstance(model, nn.Module):
+        raise GCSurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself.")
+    if isinstance(model, fx.GraphModule) and hasattr(model, "gc_plan"):
+        raise GCSurgeryError(
+            "this model is already gcified (it carries a gc_plan); use it as it is, or gcsurgery.strip() it first."
+        )
+    wrapped = getattr(model, "module", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) and wrapped is not None:
+        raise GCSurgeryError(
+            f"got a model wrapped in {type(model).__name__}; gcify the inner model (model.module) before wrapping it."
+        )
+    if hasattr(model, "_orig_mod"):
+        raise GCSurgeryError("got a torch.compile'd model; gcify the original model, then call torch.compile on it.")
+    leaf_types, functions = _timm_notrace()
+    user_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    user_names = {m for m in leaf_modules if isinstance(m, str)}
+    bad = [m for m in leaf_modules if not isinstance(m, str | type)]
+    if bad:
+        raise GCSurgeryError(f"leaf_modules must hold qualified names or module classes, got {bad!r}.")
+    known = {name for name, _ in model.named_modules()}
+    unknown = sorted(user_names - known)
+    if unknown:
+        raise GCSurgeryError(
+            f"leaf_modules names {unknown} that are not submodules of {type(model).__name__}; "
+            f"valid names are those of model.named_modules(), e.g. {sorted(known - {''})[:5]}."
+        )
+    leaf_types = leaf_types + user_types
+    leaves: list[Leaf] = []
+    names = set(user_names)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            eval_gm = _trace_mode(model, False, leaf_types, names, functions, leaves)
+            train_gm = _trace_mode(model, True, leaf_types, names, functions, leaves)
+            if len(leaves) and any(leaf.module not in _call_targets(eval_gm) for leaf in leaves):
+                eval_gm = _trace_mode(model, False, leaf_types, names, functions, leaves)
+    finally:
+        model.train(was_training)
+    if train_gm.code == eval_gm.code:
+        train_gm = eval_gm
+    return Traced(train=train_gm, eval=eval_gm, leaves=tuple(leaves))
+
+
+def _call_targets(gm: fx.GraphModule) -> set[str]:
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"}
