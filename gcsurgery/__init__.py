@@ -1,9 +1,24 @@
 """gcsurgery: gradient correction (GC-W + GC-ODE) for any timm or torchvision CNN, by torch.fx surgery."""
 
-from .errors import GCSurgeryError
-from .models import cifar_resnet
-from .plans import GCWSite, Plan, State, plan
-
 __version__ = "0.1.0"
 
-__all__ = ["GCSurgeryError", "GCWSite", "Plan", "State", "cifar_resnet", "plan", "__version__"]
+from .errors import GCSurgeryError  # noqa: E402
+from .gcode import GCODE, ODEOptions  # noqa: E402
+from .models import cifar_resnet  # noqa: E402
+from .plans import GCWSite, Plan, State, plan  # noqa: E402
+from .rewrite import gcify, is_gcified, strip  # noqa: E402
+
+__all__ = [
+    "GCODE",
+    "GCSurgeryError",
+    "GCWSite",
+    "ODEOptions",
+    "Plan",
+    "State",
+    "cifar_resnet",
+    "gcify",
+    "is_gcified",
+    "plan",
+    "strip",
+    "__version__",
+]

@@ -133,10 +133,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+        found = d.get("format") if isinstance(d, dict) else type(d).__name__
+        if not isinstance(d, dict) or found != PLAN_FORMAT:
             raise GCSurgeryError(
-                f"not a gcsurgery plan (format {PLAN_FORMAT} expected, got {d.get('format') if isinstance(d, dict) else type(d).__name__!r}); "
-                "write plans with Plan.to_json()."
+                f"not a gcsurgery plan (format {PLAN_FORMAT} expected, got {found!r}); write plans with Plan.to_json()."
             )
         try:
             return cls(
@@ -334,6 +334,8 @@ def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
     Returns:
         The plan: hidden states h0..hN, GC-ODE pairs (h_{i-1}, h_i), and one GC-W site per stage.
     """
+    if not isinstance(model, nn.Module):
+        raise GCSurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself.")
     example = check_example_inputs(model, example_inputs)
     traced = trace(model, leaf_modules=leaf_modules)
     result = analyze(traced.eval, example)

@@ -1,0 +1,116 @@
+"""`gcsurgery` command line: `plan`, `sweep`, `demo`."""
+
+import argparse
+import sys
+
+from .errors import GCSurgeryError
+
+__all__ = ["main", "build_model"]
+
+
+def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | None = None):
+    """Builds a model from `timm:NAME`, `torchvision:NAME` or `cifar_resnetDEPTH`, never downloading weights."""
+    kw = {}
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    if spec.startswith("cifar_resnet"):
+        from .models import cifar_resnet
+
+        depth = spec.removeprefix("cifar_resnet")
+        if not depth.isdigit():
+            raise GCSurgeryError(f"cifar_resnet needs a depth, e.g. cifar_resnet20, got {spec!r}.")
+        return cifar_resnet(int(depth), in_chans=in_chans or 3, **kw)
+    source, _, name = spec.partition(":")
+    if source == "timm" and name:
+        import timm
+
+        if in_chans is not None:
+            kw["in_chans"] = in_chans
+        try:
+            return timm.create_model(name, pretrained=False, **kw)
+        except RuntimeError as e:
+            raise GCSurgeryError(f"timm has no model {name!r} ({e}); list them with timm.list_models().") from e
+    if source == "torchvision" and name:
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None, **kw)
+        except ValueError as e:
+            valid = torchvision.models.list_models(module=torchvision.models)
+            raise GCSurgeryError(f"torchvision has no classification model {name!r}; valid: {valid}.") from e
+    raise GCSurgeryError(
+        f"model spec {spec!r} not understood; use timm:NAME, torchvision:NAME or cifar_resnetDEPTH "
+        "(e.g. timm:resnet50, torchvision:resnet18, cifar_resnet20)."
+    )
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise GCSurgeryError(f"--input must be comma-separated ints like 1,3,224,224, got {text!r}.") from None
+    return shape
+
+
+def _cmd_plan(args) -> int:
+    import torch
+
+    from .plans import plan
+
+    model = build_model(args.model)
+    example = torch.randn(*_parse_shape(args.input)) if args.input else None
+    p = plan(model, example, leaf_modules=tuple(args.leaf))
+    print(p.to_json() if args.json else p)
+    if args.dot:
+        with open(args.dot, "w") as f:
+            f.write(p.to_dot())
+    if args.png:
+        p.draw(args.png)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gcsurgery", description="Gradient correction for any CNN, by fx surgery.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="print the automatic insertion plan of a model")
+    p.add_argument("model", help="timm:NAME, torchvision:NAME or cifar_resnetDEPTH")
+    p.add_argument("--input", help="example input shape, e.g. 1,3,224,224 (default: timm's input_size, else 224)")
+    p.add_argument("--leaf", action="append", default=[], help="a submodule to keep opaque (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--dot", metavar="FILE", help="write a Graphviz drawing")
+    p.add_argument("--png", metavar="FILE", help="write a PNG drawing")
+    p.set_defaults(func=_cmd_plan)
+
+    from .sweep import add_arguments as add_sweep_arguments
+
+    s = sub.add_parser("sweep", help="plan (and check) one model per timm family and every torchvision CNN")
+    add_sweep_arguments(s)
+    s.set_defaults(func=_cmd_sweep)
+
+    try:
+        from .demo import add_arguments as add_demo_arguments
+        from .demo import run as run_demo
+    except ImportError:
+        pass
+    else:
+        d = sub.add_parser("demo", help="baseline vs GCGD, side by side, on the embedded Fashion-MNIST")
+        add_demo_arguments(d)
+        d.set_defaults(func=run_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GCSurgeryError as e:
+        print(f"gcsurgery: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""GC-ODE: the hidden-state gradient-correction branch between two stage outputs.
+
+For a pair of hidden states `h_src` (stage i-1 output) and `h_dst` (stage i output)::
+
+    z0  = R(h_src)                    # pool to dst's size, then 1×1 conv Ca → r
+    z1  = ODESolve(φ, z0, t ∈ [0, 1])  # dz/dt = φ(z, t), fixed-step by default
+    out = h_dst + γ ⊙ E(z1)           # E: 1×1 conv r → Cb; γ per channel, initialised to 0
+
+With γ = 0 the branch returns `h_dst` exactly, so inserting it does not change the model. The gate is
+folded into E's weights (`(γ⊙W) z + γ⊙b`, the same function), so the branch saves only r-channel
+tensors for backward, never a copy of `h_dst`.
+
+The default φ is depthwise-separable with the time as a learned per-channel bias,
+`φ(z, t) = pw(relu(dw3×3(z) + a·t + b))`, integrated by two Euler steps in a plain Python loop (no host
+syncs; torchdiffeq's fixed-grid solver calls `.item()` and copies the states into a solution buffer).
+torchdiffeq runs `dopri5` and the adjoint method. `docs/gcode.md` has the cost measurements behind
+these defaults.
+"""
+
+import dataclasses
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import GCSurgeryError
+
+__all__ = ["ODEOptions", "GCODE", "LAYOUTS"]
+
+LAYOUTS = ("NCHW", "NHWC", "NLC")
+STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}  # φ evaluations per step of each fixed-step solver
+SOLVERS = (*STAGES, "dopri5")
+PHIS = ("dwsep", "conv")
+NORMS = ("none", "input", "group")
+ACTS = {"relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
+TIMES = ("bias", "channel")
+
+
+def _fail(name, value, valid: str):
+    raise GCSurgeryError(f"ODEOptions.{name} must be {valid}, got {value!r}.")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ODEOptions:
+    """How every GC-ODE branch is built; validated on construction.
+
+    Attributes:
+        width: r, the channels the ODE runs on; None gives `max(8, out_chs // 4)`.
+        solver: fixed-step "euler", "midpoint", "rk4", or adaptive "dopri5" (torchdiffeq).
+        step_size: fixed-step solvers take `ceil(1 / step_size)` steps over t ∈ [0, 1] (the last one
+            shorter when 1 / step_size is not a whole number).
+        rtol: relative tolerance of dopri5.
+        atol: absolute tolerance of dopri5.
+        adjoint: backpropagate with `torchdiffeq.odeint_adjoint` (memory O(1) in the steps, more compute).
+        gate_init: initial value of the per-channel gate γ; 0 makes the branch an exact identity.
+        phi: "dwsep" (depthwise 3×3 → act → pointwise) or "conv" (norm → act → 3×3 conv, twice).
+        norm: "none", "input" (one GroupNorm on z0), or "group" (a GroupNorm in every φ evaluation).
+        act: the activation in φ: "relu", "silu" or "tanh".
+        time: how φ sees t: "bias" (a learned per-channel a·t + b after each 3×3 conv) or "channel"
+            (a constant t plane concatenated to each 3×3 conv's input; phi="conv" only).
+        ode_stride: the ODE runs on a grid this many times coarser than the destination (size rounded
+            up) and γ⊙E(z1) is upsampled (nearest) back; None means 2 for a pair whose source and
+            destination have the same size (the costly full-resolution pair, which has no downsampling
+            of its own) and 1 for the others.
+        recompute: recompute the branch in backward instead of keeping its activations
+            (non-reentrant `torch.utils.checkpoint`); not applied with adjoint=True, which already
+            keeps none.
+        seed: seed of the private generator that initialises the branch, so that building branches
+            leaves the global RNG untouched; None draws from the global RNG instead.
+    """
+
+    width: int | None = None
+    solver: str = "euler"
+    step_size: float = 0.5
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    adjoint: bool = False
+    gate_init: float = 0.0
+    phi: str = "dwsep"
+    norm: str = "none"
+    act: str = "relu"
+    time: str = "bias"
+    ode_stride: int | None = None
+    recompute: bool = True
+    seed: int | None = 0
+
+    def __post_init__(self):
+        def positive_int(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if self.width is not None and not positive_int(self.width):
+            _fail("width", self.width, "None or a positive int (channels of the ODE state)")
+        for name, choices in (("solver", SOLVERS), ("phi", PHIS), ("norm", NORMS), ("act", tuple(ACTS))):
+            if getattr(self, name) not in choices:
+                _fail(name, getattr(self, name), f"one of {choices}")
+        if self.time not in TIMES:
+            _fail("time", self.time, f"one of {TIMES}")
+        if self.time == "channel" and self.phi != "conv":
+            _fail("time", self.time, f"'bias' when phi={self.phi!r} (a t channel needs phi='conv'); choices {TIMES}")
+        if not (_is_real(self.step_size) and 0 < self.step_size <= 1):
+            _fail("step_size", self.step_size, "a number in (0, 1] (t runs over [0, 1]; 0.5 gives 2 steps)")
+        for name in ("rtol", "atol"):
+            if not (_is_real(getattr(self, name)) and getattr(self, name) > 0):
+                _fail(name, getattr(self, name), "a positive finite number (dopri5 tolerance)")
+        for name in ("adjoint", "recompute"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if not _is_real(self.gate_init):
+            _fail("gate_init", self.gate_init, "a finite number (0 keeps the model's function at insertion)")
+        if self.ode_stride is not None and not positive_int(self.ode_stride):
+            _fail("ode_stride", self.ode_stride, "None or a positive int (1 runs the ODE at the destination's size)")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            _fail("seed", self.seed, "None or an int")
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """Time points of the fixed-step solvers, from 0 to 1 inclusive."""
+        n = max(1, math.ceil(1 / self.step_size - 1e-9))
+        return (*(k * self.step_size for k in range(n)), 1.0)
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of every field, for checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "ODEOptions":
+        """Inverse of `to_dict`; unknown keys are an error."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise GCSurgeryError(f"unknown ODEOptions keys {unknown}; valid keys are {names}.")
+        return cls(**d)
+
+
+def _group_norm(chs: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(chs, 8), chs)
+
+
+class TimeConv(nn.Module):
+    """3×3 conv that sees t, as a per-channel `a·t + b` (time="bias") or a concatenated t plane ("channel")."""
+
+    def __init__(self, chs: int, *, depthwise: bool, time: str):
+        super().__init__()
+        self.time = time
+        extra = int(time == "channel")
+        self.conv = nn.Conv2d(chs + extra, chs, 3, padding=1, groups=chs if depthwise else 1, bias=extra == 1)
+        if time == "bias":
+            bound = 1 / math.sqrt(self.conv.weight[0].numel())
+            self.t_scale = nn.Parameter(torch.empty(chs).uniform_(-bound, bound))  # a
+            self.t_bias = nn.Parameter(torch.empty(chs).uniform_(-bound, bound))  # b
+
+    def forward(self, t, z):  # t: float or 0-d tensor; z: (B, r, H, W)
+        if self.time == "channel":
+            plane = torch.ones_like(z[:, :1]) * t  # (B, 1, H, W)
+            return self.conv(torch.cat([z, plane], 1))
+        bias = torch.add(self.t_bias, self.t_scale, alpha=t) if isinstance(t, float) else self.t_bias + t * self.t_scale
+        return F.conv2d(z, self.conv.weight, bias, padding=1, groups=self.conv.groups)
+
+
+class Phi(nn.Module):
+    """The vector field φ(z, t); r channels in and out, no BatchNorm."""
+
+    def __init__(self, chs: int, options: ODEOptions):
+        super().__init__()
+        self.kind, self.act = options.phi, ACTS[options.act]
+        n_conv = 1 if options.phi == "dwsep" else 2
+        self.norms = nn.ModuleList(
+            _group_norm(chs) if options.norm == "group" else nn.Identity() for _ in range(n_conv)
+        )
+        self.convs = nn.ModuleList(
+            TimeConv(chs, depthwise=self.kind == "dwsep", time=options.time) for _ in range(n_conv)
+        )
+        self.pw = nn.Conv2d(chs, chs, 1) if self.kind == "dwsep" else None
+
+    def forward(self, t, z):  # (B, r, H, W) -> (B, r, H, W)
+        if self.kind == "dwsep":
+            return self.pw(self.act(self.convs[0](t, self.norms[0](z))))
+        for norm, conv in zip(self.norms, self.convs, strict=True):
+            z = conv(t, self.act(norm(z)))
+        return z
+
+
+def fixed_grid_solve(phi, z, solver: str, grid: tuple[float, ...]):
+    """Integrates dz/dt = phi(t, z) over `grid` with euler, midpoint or rk4 (3/8 rule, as torchdiffeq's)."""
+    for t0, t1 in itertools.pairwise(grid):
+        dt = t1 - t0
+        k1 = phi(t0, z)
+        if solver == "euler":
+            z = torch.add(z, k1, alpha=dt)
+        elif solver == "midpoint":
+            z = torch.add(z, phi(t0 + dt / 2, torch.add(z, k1, alpha=dt / 2)), alpha=dt)
+        else:
+            k2 = phi(t0 + dt / 3, torch.add(z, k1, alpha=dt / 3))
+            k3 = phi(t0 + dt * 2 / 3, z + dt * (k2 - k1 / 3))
+            k4 = phi(t1, z + dt * (k1 - k2 + k3))
+            z = z + (k1 + 3 * (k2 + k3) + k4) * (dt / 8)
+    return z
+
+
+def _to_nchw(x, layout: str, size: tuple[int, int]):
+    """A (B, C, H, W) view of `x` (NHWC and NLC give channels_last strides, no copy)."""
+    if layout == "NHWC":
+        return x.permute(0, 3, 1, 2)
+    if layout == "NLC":
+        return x.transpose(1, 2).unflatten(2, size)
+    return x
+
+
+def _from_nchw(x, layout: str):
+    if layout == "NHWC":
+        return x.permute(0, 2, 3, 1)
+    if layout == "NLC":
+        return x.flatten(2).transpose(1, 2)
+    return x
+
+
+def _pool_to(x, size):
+    """Average-pools (B, C, H, W) to `size`: kernel = stride for whole ratios, adaptive otherwise."""
+    (h, w), (oh, ow) = x.shape[-2:], size
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh == 0 and w % ow == 0:
+        return F.avg_pool2d(x, (h // oh, w // ow))
+    return F.adaptive_avg_pool2d(x, size)
+
+
+class GCODE(nn.Module):
+    """GC-ODE branch: `forward(src, dst)` returns `dst + γ ⊙ E(ODESolve(φ, R(src)))` in dst's layout.
+
+    Args:
+        in_chs: channels of src (Ca).
+        out_chs: channels of dst (Cb).
+        in_size: spatial size (H, W) of src.
+        out_size: spatial size (H, W) of dst; at most src's size in each dimension is the usual case.
+        in_layout: "NCHW", "NHWC" or "NLC" (B, H*W, C tokens).
+        out_layout: layout of dst and of the output.
+        options: `ODEOptions`.
+
+    Attributes:
+        nfe: φ evaluations in the last forward; static for the built-in fixed-step loop, counted when
+            torchdiffeq runs the solve (dopri5 or adjoint).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        in_size: tuple[int, int],
+        out_size: tuple[int, int],
+        *,
+        in_layout: str = "NCHW",
+        out_layout: str = "NCHW",
+        options: ODEOptions = ODEOptions(),  # noqa: B008 (frozen, hence safe)
+    ):
+        super().__init__()
+        for name, v in (("in_chs", in_chs), ("out_chs", out_chs)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise GCSurgeryError(f"GCODE {name} must be a positive int, got {v!r}.")
+        for name, v in (("in_size", in_size), ("out_size", out_size)):
+            if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(s, int) and s >= 1 for s in v)):
+                raise GCSurgeryError(f"GCODE {name} must be (H, W), two positive ints, got {v!r}.")
+        for name, v in (("in_layout", in_layout), ("out_layout", out_layout)):
+            if v not in LAYOUTS:
+                raise GCSurgeryError(f"GCODE {name} must be one of {LAYOUTS}, got {v!r}.")
+        if not isinstance(options, ODEOptions):
+            raise GCSurgeryError(f"GCODE options must be an ODEOptions, got {type(options).__name__}.")
+        self.in_chs, self.out_chs, self.in_size, self.out_size = in_chs, out_chs, tuple(in_size), tuple(out_size)
+        self.in_layout, self.out_layout, self.options = in_layout, out_layout, options
+        self.width = r = options.width or max(8, out_chs // 4)
+        self._fixed = options.solver in STAGES and not options.adjoint
+        self._grid = options.grid
+        self._recompute = options.recompute and not options.adjoint
+        self.ode_stride = options.ode_stride or (2 if self.in_size == self.out_size else 1)
+        self._nfe = STAGES[options.solver] * (len(self._grid) - 1) if self._fixed else 0
+        with torch.random.fork_rng(devices=[], enabled=options.seed is not None):
+            if options.seed is not None:
+                torch.manual_seed(options.seed)
+            self.reduce = nn.Conv2d(in_chs, r, 1)  # R (after pooling: the two commute, pooling first is cheaper)
+            self.in_norm = _group_norm(r) if options.norm == "input" else nn.Identity()
+            self.phi = Phi(r, options)
+            self.expand = nn.Conv2d(r, out_chs, 1)  # E
+        self.gate = nn.Parameter(torch.full((out_chs,), float(options.gate_init)))  # γ
+
+    @property
+    def nfe(self) -> int:
+        return self._nfe
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_chs}x{self.in_size} {self.in_layout} -> {self.out_chs}x{self.out_size} {self.out_layout}, "
+            f"r={self.width}, ode_stride={self.ode_stride}, solver={self.options.solver}, "
+            f"nfe={self.nfe if self._fixed else 'counted'}"
+        )
+
+    def _solve(self, z):  # (B, r, h, w) -> (B, r, h, w)
+        o = self.options
+        if self._fixed:
+            return fixed_grid_solve(self.phi, z, o.solver, self._grid)
+        import torchdiffeq
+
+        calls = [0]
+
+        def func(t, y):
+            calls[0] += 1
+            return self.phi(t, y)
+
+        span = torch.tensor([0.0, 1.0], dtype=z.dtype if z.dtype == torch.float64 else torch.float32, device=z.device)
+        kw = {"rtol": o.rtol, "atol": o.atol, "method": o.solver}
+        if o.solver in STAGES:
+            kw["options"] = {"step_size": o.step_size}
+        if o.adjoint:
+            zs = torchdiffeq.odeint_adjoint(func, z, span, adjoint_params=tuple(self.phi.parameters()), **kw)
+        else:
+            zs = torchdiffeq.odeint(func, z, span, **kw)
+        self._nfe = calls[0]
+        return zs[-1]
+
+    def _branch(self, x, ode_hw):  # (B, Ca, Ha, Wa) -> γ ⊙ E(z1): (B, Cb, h, w), channels_last
+        x = _pool_to(x, ode_hw).contiguous(memory_format=torch.channels_last)  # (B, Ca, h, w)
+        z = self._solve(self.in_norm(self.reduce(x)))  # (B, r, h, w)
+        return F.conv2d(z, self.expand.weight * self.gate.view(-1, 1, 1, 1), self.expand.bias * self.gate)
+
+    def forward(self, src, dst):
+        """Returns dst + γ ⊙ E(z1), with dst's shape, layout and dtype."""
+        lay = self.out_layout
+        out_hw = tuple(self.out_size if lay == "NLC" else dst.shape[1:3] if lay == "NHWC" else dst.shape[2:])
+        ode_hw = (-(-out_hw[0] // self.ode_stride), -(-out_hw[1] // self.ode_stride))
+        x = _to_nchw(src, self.in_layout, self.in_size)  # (B, Ca, Ha, Wa)
+        if self._recompute and torch.is_grad_enabled():
+            e = checkpoint(self._branch, x, ode_hw, use_reentrant=False, preserve_rng_state=False)
+        else:
+            e = self._branch(x, ode_hw)  # (B, Cb, h, w)
+        if ode_hw != out_hw:
+            e = F.interpolate(e, size=out_hw, mode="nearest")  # (B, Cb, Hb, Wb)
+        return dst + _from_nchw(e, lay).to(dst.dtype)

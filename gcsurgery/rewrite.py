@@ -1,0 +1,232 @@
+"""Pass 3: rewrite the traced graph per plan — insert GC-ODE branches, attach the plan for GC-W.
+
+`gcify(model)` returns a `GCGraphModule`: a `torch.fx.GraphModule` whose original parameters keep
+their state-dict keys, with every new parameter under `gc.ode.<k>.*` and the plan on `.gc_plan`
+(the registry `GCOptimizer` reads). Models that trace to different graphs in train and eval mode keep
+both graphs, rewritten the same way, and switch on `.train()`/`.eval()`. Each branch's gate starts at
+zero, so the rewritten model computes exactly what the original did.
+"""
+
+import copy
+
+from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
+
+from .errors import GCSurgeryError
+from .gcode import GCODE, ODEOptions
+from .plans import Plan, fingerprint
+from .plans import plan as make_plan
+from .trace import trace
+
+__all__ = ["GCGraphModule", "gcify", "strip", "is_gcified"]
+
+BRANCH_PREFIX = "gc.ode"
+
+
+class GCGraphModule(fx.GraphModule):
+    """A GraphModule with an optional separate eval-mode graph, swapped in by `.train(False)`."""
+
+    def __init__(self, root, graph: fx.Graph, *, eval_graph: fx.Graph | None = None, class_name="GraphModule"):
+        super().__init__(root, graph, class_name)
+        self._gc_train_graph = graph if eval_graph is not None else None
+        self._gc_eval_graph = eval_graph
+        if eval_graph is not None:
+            for node in eval_graph.nodes:
+                if node.op in ("get_attr", "call_module"):
+                    _copy_attr(root, self, node.target)
+            eval_graph.owning_module = self
+            if not self.training:
+                self.graph = eval_graph
+
+    def train(self, mode: bool = True):
+        if self._gc_eval_graph is not None and mode != self.training:
+            self.graph = self._gc_train_graph if mode else self._gc_eval_graph
+        return super().train(mode)
+
+    def _deepcopy_init(self):
+        def init(res, fake, graph):
+            d = fake.__dict__
+            if d.get("_gc_eval_graph") is None:
+                GCGraphModule.__init__(res, fake, graph, class_name=type(self).__name__)
+            else:
+                GCGraphModule.__init__(
+                    res, fake, d["_gc_train_graph"], eval_graph=d["_gc_eval_graph"], class_name=type(self).__name__
+                )
+
+        return init
+
+    @property
+    def graphs(self) -> tuple[fx.Graph, ...]:
+        """The graphs this module runs: one, or (train, eval)."""
+        if self._gc_eval_graph is None:
+            return (self.graph,)
+        return (self._gc_train_graph, self._gc_eval_graph)
+
+    def recompile_all(self):
+        """Recompiles after editing `graphs` (the active one last, so it is what runs)."""
+        for g in self.graphs:
+            g.lint()
+        self.graph = self._gc_eval_graph if (self._gc_eval_graph is not None and not self.training) else self.graph
+        self.recompile()
+
+
+def _set_preserved(gm: fx.GraphModule, **attrs):
+    """Sets attributes that survive deepcopy (torch.fx preserves meta['_user_preserved_attributes'])."""
+    preserved = gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+    for name, value in attrs.items():
+        setattr(gm, name, value)
+        preserved[name] = value
+
+
+def is_gcified(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "gc_plan", None), Plan)
+
+
+def _check_plan(model: nn.Module, plan: Plan, graphs) -> None:
+    if not isinstance(plan, Plan):
+        raise GCSurgeryError(
+            f"plan must be a gcsurgery.Plan, got {type(plan).__name__}; build one with gcsurgery.plan()."
+        )
+    fp = fingerprint(model)
+    if plan.fingerprint and plan.fingerprint != fp:
+        raise GCSurgeryError(
+            f"this plan was made for a {plan.model} [fingerprint {plan.fingerprint}], but the model is a "
+            f"{type(model).__name__} [fingerprint {fp}] (parameter names or shapes differ); "
+            f"build a plan for this model with gcsurgery.plan(model)."
+        )
+    for g in graphs:
+        names = {n.name for n in g.nodes}
+        absent = [s.node for s in plan.states if s.node not in names]
+        if absent:
+            raise GCSurgeryError(
+                f"the plan's states {absent} are not nodes of {type(model).__name__}'s traced graph; the plan was made "
+                f"for another model or with other leaf_modules. Build it anew with gcsurgery.plan(model)."
+            )
+    params = dict(model.named_parameters())
+    bad = [s.param for s in plan.gcw_sites if s.param not in params]
+    if bad:
+        raise GCSurgeryError(f"GC-W sites {bad} are not parameters of {type(model).__name__}; rebuild the plan.")
+    if not plan.ode_pairs and not plan.gcw_sites:
+        raise GCSurgeryError("the plan inserts nothing (no GC-ODE pairs, no GC-W sites); use the model as it is.")
+
+
+def _spatial(state) -> tuple[int, int]:
+    if state.layout == "NCHW":
+        return state.shape[1], state.shape[2]
+    if state.layout == "NHWC":
+        return state.shape[0], state.shape[1]
+    side = int(round(state.shape[0] ** 0.5))
+    return side, side
+
+
+def _insert_branches(graph: fx.Graph, plan: Plan) -> None:
+    nodes = {n.name: n for n in graph.nodes}
+    current = {i: nodes[s.node] for i, s in enumerate(plan.states)}
+    for k, (a, b) in sorted(enumerate(plan.ode_pairs), key=lambda kv: (kv[1][1], kv[0])):
+        dst = current[b]
+        with graph.inserting_after(dst):
+            new = graph.create_node("call_module", f"{BRANCH_PREFIX}.{k}", (current[a], dst))
+        dst.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        current[b] = new
+    graph.lint()
+
+
+def gcify(
+    model: nn.Module,
+    plan: Plan | None = None,
+    *,
+    example_inputs=None,
+    ode: ODEOptions = ODEOptions(),  # noqa: B008 (frozen, hence safe)
+    leaf_modules=(),
+    inplace: bool = False,
+) -> GCGraphModule:
+    """Inserts GC-ODE branches into `model` and marks its GC-W sites.
+
+    Args:
+        model: a CNN (timm, torchvision or your own).
+        plan: the insertion plan; built with `gcsurgery.plan(model, example_inputs)` when None.
+        example_inputs: example batch (or its shape) used to build the plan when none is given.
+        ode: options of every GC-ODE branch.
+        leaf_modules: submodules to keep opaque when tracing (names or classes).
+        inplace: share the model's modules and parameters instead of copying them first.
+
+    Returns:
+        A `GCGraphModule` computing exactly what `model` computes, with `.gc_plan` set.
+    """
+    if not isinstance(model, nn.Module):
+        raise GCSurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    if is_gcified(model):
+        raise GCSurgeryError(
+            "this model is already gcified; use it as it is, or gcsurgery.strip(model, keep_ode=False) first."
+        )
+    if not isinstance(ode, ODEOptions):
+        raise GCSurgeryError(f"ode must be a gcsurgery.ODEOptions, got {type(ode).__name__}.")
+    if plan is None:
+        plan = make_plan(model, example_inputs, leaf_modules=leaf_modules)
+    elif example_inputs is not None:
+        raise GCSurgeryError("pass either plan= or example_inputs= (which builds a plan), not both.")
+    source = model if inplace else copy.deepcopy(model)
+    leaves = tuple(leaf_modules) + tuple(leaf.module for leaf in plan.leaves)
+    traced = trace(source, leaf_modules=tuple(dict.fromkeys(leaves)))
+    _check_plan(source, plan, {traced.train.graph, traced.eval.graph})
+
+    train_graph, eval_graph = traced.train.graph, (traced.eval.graph if traced.dual else None)
+    gm = GCGraphModule(source, train_graph, eval_graph=eval_graph, class_name=f"GC{type(model).__name__}")
+    param = next(iter(source.parameters()), None)
+    branches = nn.ModuleList()
+    for a, b in plan.ode_pairs:
+        src, dst = plan.states[a], plan.states[b]
+        branches.append(
+            GCODE(
+                src.num_chs,
+                dst.num_chs,
+                _spatial(src),
+                _spatial(dst),
+                in_layout=src.layout,
+                out_layout=dst.layout,
+                options=ode,
+            )
+        )
+    if param is not None:
+        branches.to(device=param.device, dtype=param.dtype)
+    holder = nn.Module()
+    holder.ode = branches
+    gm.gc = holder
+    for g in gm.graphs:
+        _insert_branches(g, plan)
+    gm.recompile_all()
+    gm.train(model.training)
+    from . import __version__
+
+    _set_preserved(gm, gc_plan=plan, gc_ode=ode, gc_version=__version__)
+    return gm
+
+
+def strip(gc_model: nn.Module, *, keep_ode: bool = True) -> fx.GraphModule:
+    """A plain module without the GC machinery.
+
+    Args:
+        gc_model: a module returned by `gcify`.
+        keep_ode: keep the GC-ODE branches as ordinary layers (the function is unchanged). With False the
+            branches are removed, which changes the function unless every gate is still zero.
+
+    Returns:
+        A new GraphModule without `.gc_plan` (GCOptimizer then finds no GC-W sites by itself).
+    """
+    if not is_gcified(gc_model):
+        raise GCSurgeryError(f"expected a module returned by gcsurgery.gcify, got {type(gc_model).__name__}.")
+    out = copy.deepcopy(gc_model)
+    preserved = out.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+    for name in ("gc_plan", "gc_ode", "gc_version"):
+        preserved.pop(name, None)
+        if name in out.__dict__:
+            delattr(out, name)
+    if not keep_ode:
+        for g in out.graphs:
+            for node in list(g.nodes):
+                if node.op == "call_module" and str(node.target).startswith(BRANCH_PREFIX + "."):
+                    node.replace_all_uses_with(node.args[1])
+                    g.erase_node(node)
+        del out.gc
+        out.recompile_all()
+    return out

@@ -1,0 +1,176 @@
+import json
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import MLP, TinyConvNeXt, TinyResNet, TinyVGG, WithUntraceable
+
+import gcsurgery as gcs
+from gcsurgery import GCSurgeryError, Plan
+
+RESNET18_SITES = ["layer1.1.conv2", "layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"]
+
+
+@pytest.mark.parametrize("build", [lambda: torchvision.models.resnet18(), lambda: timm.create_model("resnet18")])
+def test_resnet18_has_the_papers_four_pairs(build):
+    p = gcs.plan(build(), torch.randn(1, 3, 224, 224))
+    assert len(p.ode_pairs) == 4
+    assert p.ode_pairs == ((0, 1), (1, 2), (2, 3), (3, 4))
+    assert [s.module for s in p.gcw_sites] == RESNET18_SITES
+    assert [s.param for s in p.gcw_sites] == [f"{m}.weight" for m in RESNET18_SITES]
+    assert [s.reduction for s in p.states] == [2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("depth", [20, 56])
+def test_cifar_resnet_has_the_papers_three_pairs(depth):
+    n = (depth - 2) // 6
+    p = gcs.plan(gcs.cifar_resnet(depth), torch.randn(1, 3, 32, 32))
+    assert len(p.ode_pairs) == 3 and len(p.gcw_sites) == 3
+    assert [s.module for s in p.gcw_sites] == [f"layer{i}.{n - 1}.conv2" for i in (1, 2, 3)]
+    assert [(s.num_chs, s.reduction) for s in p.states] == [(16, 1), (16, 1), (32, 2), (64, 4)]
+    assert p.states[0].node == "relu"  # h0 is the stem output, the input of layer1
+
+
+def test_torchvision_resnet50_states_match_timm_feature_info():
+    p = gcs.plan(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224))
+    info = timm.create_model("resnet50").feature_info
+    assert [(s.num_chs, s.reduction) for s in p.states] == [(f["num_chs"], f["reduction"]) for f in info]
+    assert [s.module.split(".")[0] for s in p.states[1:]] == [f["module"] for f in info[1:]]
+    assert [s.module for s in p.gcw_sites] == ["layer1.2.conv3", "layer2.3.conv3", "layer3.5.conv3", "layer4.2.conv3"]
+
+
+def test_timm_models_are_cross_checked_against_feature_info():
+    p = gcs.plan(timm.create_model("resnet18"))
+    assert "matches all 5 stages of timm's feature_info" in p.notes
+
+
+def test_default_example_input_comes_from_timm_pretrained_cfg():
+    model = timm.create_model("test_convnext")
+    assert gcs.plan(model).input_shape == (1, *model.pretrained_cfg["input_size"]) == (1, 3, 160, 160)
+    assert gcs.plan(TinyResNet(), (1, 3, 32, 32)).input_shape == (1, 3, 32, 32)
+
+
+def test_plan_restores_mode_and_leaves_model_untouched(tiny_resnet):
+    before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
+    tiny_resnet.eval()
+    gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
+    assert not tiny_resnet.training
+    tiny_resnet.train()
+    gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
+    assert tiny_resnet.training
+    after = tiny_resnet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("model", "reductions"),
+    [(TinyResNet(), [1, 1, 2, 4]), (TinyVGG(), [1, 2, 4]), (TinyConvNeXt(), [4, 4, 8, 16])],
+)
+def test_tiny_models(model, reductions):
+    p = gcs.plan(model, torch.randn(2, 3, 32, 32))
+    assert [s.reduction for s in p.states] == reductions
+    assert p.ode_pairs == tuple((i, i + 1) for i in range(len(reductions) - 1))
+
+
+def test_gcw_site_is_the_main_path_not_the_projection_shortcut():
+    # a stage made of a single downsampling block: its last conv in graph order is the 1x1 shortcut
+    model = TinyResNet()
+    model.stages[2] = model.stages[2][0]
+    p = gcs.plan(model, torch.randn(2, 3, 32, 32))
+    assert p.gcw_sites[-1].module == "stages.2.conv2"
+
+
+def test_untraceable_submodule_becomes_a_recorded_leaf():
+    p = gcs.plan(WithUntraceable(), torch.randn(2, 3, 32, 32))
+    assert [leaf.module for leaf in p.leaves] == ["stages.1.1.0"]
+    assert "TraceError" in p.leaves[0].reason or "bool" in p.leaves[0].reason
+    assert "leaf: stages.1.1.0" in str(p)
+
+
+def test_printed_table_is_aligned_and_deterministic(tiny_resnet):
+    a = str(gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32)))
+    assert a == str(gcs.plan(tiny_resnet, (2, 3, 32, 32)))
+    lines = a.splitlines()
+    assert lines[0].startswith("Plan for TinyResNet [") and lines[0].endswith(
+        "on input 2x3x32x32: 4 states, 3 GC-ODE pairs, 3 GC-W sites"
+    )
+    assert lines[1:] == [
+        "idx  node     module      chs  red  shape          inserts",
+        "h0   stem_2   stem.2        8    1  8x32x32 NCHW   -",
+        "h1   relu_3   stages.0.1    8    1  8x32x32 NCHW   ODE0 h0->h1, GC-W stages.0.1.conv2",
+        "h2   relu_7   stages.1.1   16    2  16x16x16 NCHW  ODE1 h1->h2, GC-W stages.1.1.conv2",
+        "h3   relu_11  stages.2.1   32    4  32x8x8 NCHW    ODE2 h2->h3, GC-W stages.2.1.conv2",
+        "note: traces differently in train and eval mode; the states exist in both graphs",
+    ]
+
+
+def test_json_round_trip_and_editing(tiny_resnet, tmp_path):
+    p = gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
+    assert Plan.from_json(p.to_json()) == p
+    assert json.loads(p.to_json())["gcw_sites"][0]["param"] == "stages.0.1.conv2.weight"
+    q = p.without(pairs=[0], gcw=["stages.2.1.conv2"])
+    assert q.ode_pairs == ((1, 2), (2, 3))
+    assert [s.module for s in q.gcw_sites] == ["stages.0.1.conv2", "stages.1.1.conv2"]
+    assert Plan.from_json(q.to_json()) == q
+    assert q.diff(p) == ["+ GC-ODE pair h0->h1", "+ GC-W stages.2.1.conv2.weight"]
+    assert p.diff(p) == []
+    with pytest.raises(GCSurgeryError, match="no GC-ODE pair 7"):
+        p.without(pairs=[7])
+    with pytest.raises(GCSurgeryError, match="no GC-W site 'layer9'"):
+        p.without(gcw=["layer9"])
+    with pytest.raises(GCSurgeryError, match="not a gcsurgery plan"):
+        Plan.from_json('{"states": []}')
+    with pytest.raises(GCSurgeryError, match="does not parse"):
+        Plan.from_json("{")
+
+
+def test_drawings(tiny_resnet, tmp_path):
+    p = gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
+    dot = p.to_dot()
+    assert dot.startswith("digraph plan {") and "h0 -> h1 [style=dashed" in dot and dot.count("->") == 6
+    p.draw(tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_error_no_downsampling():
+    with pytest.raises(GCSurgeryError, match="no spatial"):
+        gcs.plan(MLP(), torch.randn(2, 3, 32, 32))
+    with pytest.raises(GCSurgeryError, match="plain ViTs"):
+        gcs.plan(timm.create_model("test_vit"))
+
+
+def test_error_example_input_rank_and_channels(tiny_resnet):
+    with pytest.raises(GCSurgeryError, match=r"4-D image batch.*\(3, 32, 32\)"):
+        gcs.plan(tiny_resnet, torch.randn(3, 32, 32))
+    with pytest.raises(GCSurgeryError, match="has 1 channels.*expects 3"):
+        gcs.plan(tiny_resnet, torch.randn(2, 1, 32, 32))
+    with pytest.raises(GCSurgeryError, match="must be a tensor"):
+        gcs.plan(tiny_resnet, "image")
+
+
+def test_error_untraceable_model_names_the_module_and_suggests_leaf_modules():
+    class TopLevelBranch(TinyResNet):
+        def forward(self, x):
+            if x.mean() > 0:
+                x = -x
+            return super().forward(x)
+
+    with pytest.raises(GCSurgeryError, match=r"top-level TopLevelBranch.forward.*leaf_modules="):
+        gcs.plan(TopLevelBranch(), torch.randn(2, 3, 32, 32))
+
+
+def test_error_bad_leaf_modules(tiny_resnet):
+    with pytest.raises(GCSurgeryError, match=r"\['nope'\] that are not submodules"):
+        gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32), leaf_modules=["nope"])
+
+
+def test_error_not_a_module():
+    with pytest.raises(GCSurgeryError, match="expected a torch.nn.Module"):
+        gcs.plan(lambda x: x, torch.randn(1, 3, 32, 32))
+
+
+def test_bad_plan_data_is_refused(tiny_resnet):
+    p = gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
+    with pytest.raises(GCSurgeryError, match=r"GC-ODE pair \(2, 1\)"):
+        Plan(**{**p.__dict__, "ode_pairs": ((2, 1),)})
