@@ -1,0 +1,193 @@
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import TinyConvNeXt, TinyResNet, TinyVGG, WithUntraceable
+
+import gcsurgery as gcs
+from gcsurgery import GCSurgeryError, ODEOptions
+
+
+def _first(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def assert_exact(model, gm, x):
+    for mode in (False, True):
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(3)
+        y0 = _first(model(x))
+        torch.manual_seed(3)
+        y1 = _first(gm(x))
+        assert torch.equal(y0, y1), f"gcified model differs in {'train' if mode else 'eval'} mode"
+
+
+FAST_MODELS = {
+    "tiny_resnet": (lambda: TinyResNet(dropout=0.2), (2, 3, 32, 32)),
+    "tiny_vgg": (TinyVGG, (2, 3, 32, 32)),
+    "tiny_convnext": (TinyConvNeXt, (2, 3, 32, 32)),
+    "with_leaf": (WithUntraceable, (2, 3, 32, 32)),
+    "cifar_resnet20": (lambda: gcs.cifar_resnet(20), (2, 3, 32, 32)),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(), (2, 3, 64, 64)),
+    "tv_mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), (2, 3, 64, 64)),
+    "tv_densenet121": (lambda: torchvision.models.densenet121(), (2, 3, 64, 64)),
+    "timm_test_convnext": (lambda: timm.create_model("test_convnext"), (2, 3, 64, 64)),
+    "timm_test_efficientnet": (lambda: timm.create_model("test_efficientnet"), (2, 3, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_MODELS))
+def test_gcify_is_exact_at_insertion_and_every_parameter_gets_a_gradient(name):
+    build, shape = FAST_MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(*shape)
+    gm = gcs.gcify(model, example_inputs=x)
+    assert len(gm.gc.ode) == len(gm.gc_plan.ode_pairs) >= 2
+    assert_exact(model, gm, x)
+    gm.train()
+    _first(gm(x)).sum().backward()
+    missing = [n for n, p in gm.named_parameters() if p.grad is None]
+    assert not missing
+    gates = [p for n, p in gm.named_parameters() if n.endswith(".gate")]
+    assert gates and all(g.grad.abs().sum() > 0 for g in gates)
+
+
+def test_state_dict_keys_are_kept_and_new_ones_share_one_prefix(tiny_resnet, x32):
+    gm = gcs.gcify(tiny_resnet, example_inputs=x32)
+    old, new = set(tiny_resnet.state_dict()), set(gm.state_dict())
+    assert old <= new
+    assert new - old and all(k.startswith("gc.ode.") for k in new - old)
+    for k, v in tiny_resnet.state_dict().items():
+        assert torch.equal(v, gm.state_dict()[k])
+
+
+def test_input_model_is_untouched_unless_inplace(tiny_resnet, x32):
+    before = copy.deepcopy(tiny_resnet.state_dict())
+    gm = gcs.gcify(tiny_resnet, example_inputs=x32)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        gm(x32).square().mean().backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in tiny_resnet.state_dict().items())
+    shared = gcs.gcify(tiny_resnet, example_inputs=x32, inplace=True)
+    assert shared.get_parameter("stem.0.weight") is tiny_resnet.stem[0].weight
+
+
+def test_branches_train_and_then_change_the_function(tiny_resnet, x32):
+    gm = gcs.gcify(tiny_resnet, example_inputs=x32)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        gm(x32).square().mean().backward()
+        opt.step()
+    assert any(p.abs().sum() > 0 for n, p in gm.named_parameters() if n.endswith("gate"))
+
+
+def test_train_eval_graphs_switch(x32):
+    model = TinyResNet(dropout=0.5)
+    gm = gcs.gcify(model, example_inputs=x32)
+    assert gm.graphs[0] is not gm.graphs[-1]
+    gm.eval()
+    assert gm.graph is gm.graphs[1] and torch.equal(gm(x32), gm(x32))
+    gm.train()
+    assert gm.graph is gm.graphs[0]
+    torch.manual_seed(0)
+    a = gm(x32)
+    torch.manual_seed(1)
+    assert not torch.equal(a, gm(x32))  # dropout is active in train mode
+
+
+def test_deepcopy_keeps_plan_and_mode_switching(x32):
+    model = TinyResNet(dropout=0.5)
+    gm = gcs.gcify(model, example_inputs=x32).eval()
+    twin = copy.deepcopy(gm)
+    assert twin.gc_plan == gm.gc_plan and not twin.training
+    assert torch.equal(twin(x32), gm(x32))
+    twin.train()
+    assert twin.graph is twin.graphs[0]
+    assert twin.get_parameter("gc.ode.0.gate") is not gm.get_parameter("gc.ode.0.gate")
+
+
+def test_applying_twice_is_refused_and_strip_gives_back_a_plain_model(tiny_resnet, x32):
+    gm = gcs.gcify(tiny_resnet, example_inputs=x32)
+    with pytest.raises(GCSurgeryError, match="already gcified"):
+        gcs.gcify(gm)
+    plain = gcs.strip(gm, keep_ode=False)
+    assert not gcs.is_gcified(plain) and not any(k.startswith("gc.") for k in plain.state_dict())
+    kept = gcs.strip(gm)
+    assert not gcs.is_gcified(kept) and any(k.startswith("gc.") for k in kept.state_dict())
+    tiny_resnet.eval(), plain.eval(), kept.eval()
+    assert torch.equal(plain(x32), tiny_resnet(x32)) and torch.equal(kept(x32), tiny_resnet(x32))
+    with torch.no_grad():
+        gm.get_parameter("gc.ode.0.gate").fill_(1.0)
+    gm.eval()
+    assert torch.equal(gcs.strip(gm)(x32), gm(x32))
+    assert not torch.equal(gcs.strip(gm, keep_ode=False)(x32), gm(x32))
+    gcs.gcify(plain, example_inputs=x32)  # a stripped model can be gcified again
+    with pytest.raises(GCSurgeryError, match="returned by gcsurgery.gcify"):
+        gcs.strip(tiny_resnet)
+
+
+def test_plan_for_another_model_is_refused(tiny_resnet, x32):
+    p = gcs.plan(TinyVGG(), x32)
+    with pytest.raises(GCSurgeryError, match="made for a TinyVGG.*gcsurgery.plan"):
+        gcs.gcify(tiny_resnet, p)
+    with pytest.raises(GCSurgeryError, match="either plan= or example_inputs="):
+        gcs.gcify(tiny_resnet, gcs.plan(tiny_resnet, x32), example_inputs=x32)
+    with pytest.raises(GCSurgeryError, match="plan inserts nothing"):
+        q = gcs.plan(tiny_resnet, x32)
+        gcs.gcify(tiny_resnet, q.without(pairs=range(3), gcw=range(3)))
+    with pytest.raises(GCSurgeryError, match="ODEOptions"):
+        gcs.gcify(tiny_resnet, example_inputs=x32, ode={"width": 8})
+
+
+def test_edited_plan_inserts_only_what_it_says(tiny_resnet, x32):
+    p = gcs.plan(tiny_resnet, x32).without(pairs=[1])
+    gm = gcs.gcify(tiny_resnet, p)
+    assert len(gm.gc.ode) == 2
+    assert sum(n.op == "call_module" and n.target.startswith("gc.ode") for n in gm.graph.nodes) == 2
+    assert_exact(tiny_resnet, gm, x32)
+
+
+def test_plan_at_one_size_runs_at_another(x32):
+    model = gcs.cifar_resnet(20)
+    gm = gcs.gcify(model, example_inputs=torch.randn(1, 3, 64, 64))
+    assert_exact(model, gm, torch.randn(2, 3, 28, 28))
+
+
+def test_dtype_device_channels_last_and_autocast(tiny_resnet, x32):
+    model = tiny_resnet.double()
+    gm = gcs.gcify(model, example_inputs=x32.double())
+    assert all(p.dtype == torch.float64 for p in gm.parameters())
+    assert_exact(model, gm, x32.double())
+    model, gm = model.float(), gm.float()
+    xc = x32.to(memory_format=torch.channels_last)
+    assert_exact(model.to(memory_format=torch.channels_last), gm.to(memory_format=torch.channels_last), xc)
+    gm.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gm(x32)
+    y.float().sum().backward()
+    assert torch.isfinite(y.float()).all()
+
+
+def test_ode_options_reach_every_branch(tiny_resnet, x32):
+    gm = gcs.gcify(tiny_resnet, example_inputs=x32, ode=ODEOptions(solver="rk4", width=4))
+    assert all(b.options.solver == "rk4" and b.width == 4 for b in gm.gc.ode)
+    assert gm.gc_ode == ODEOptions(solver="rk4", width=4)
+
+
+def test_torch_compile_matches_eager(x32):
+    torch.manual_seed(0)
+    model = TinyResNet()
+    gm = gcs.gcify(model, example_inputs=x32)
+    with torch.no_grad():
+        for p in gm.gc.parameters():
+            p.add_(0.1)
+    gm.eval()
+    compiled = torch.compile(gm, backend="aot_eager")  # the graph capture; inductor is slow to build on CPU
+    torch.testing.assert_close(compiled(x32), gm(x32), rtol=1e-5, atol=1e-5)
