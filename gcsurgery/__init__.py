@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .checkpoint import checkpoint, restore  # noqa: E402
 from .errors import GCSurgeryError  # noqa: E402
 from .gcode import GCODE, ODEOptions  # noqa: E402
 from .models import cifar_resnet  # noqa: E402
@@ -15,10 +16,12 @@ __all__ = [
     "ODEOptions",
     "Plan",
     "State",
+    "checkpoint",
     "cifar_resnet",
     "gcify",
     "is_gcified",
     "plan",
+    "restore",
     "strip",
     "__version__",
 ]

@@ -17,7 +17,10 @@ def test_plan_prints_the_table(capsys):
 
 def test_plan_json_dot_png(capsys, tmp_path):
     dot, png = tmp_path / "p.dot", tmp_path / "p.png"
-    assert main(["plan", "torchvision:resnet18", "--input", "1,3,64,64", "--json", "--dot", str(dot), "--png", str(png)]) == 0
+    assert (
+        main(["plan", "torchvision:resnet18", "--input", "1,3,64,64", "--json", "--dot", str(dot), "--png", str(png)])
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     assert [s["module"] for s in plan["gcw_sites"]] == [f"layer{i}.1.conv2" for i in (1, 2, 3, 4)]
     assert dot.read_text().startswith("digraph plan")
@@ -43,8 +46,12 @@ def test_build_model_never_downloads():
 
 
 def test_console_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "gcsurgery", "plan", "cifar_resnet20", "--input", "1,3,32,32"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gcsurgery", "plan", "cifar_resnet20", "--input", "1,3,32,32"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "h3" in out
 
 

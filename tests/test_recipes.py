@@ -1,0 +1,225 @@
+"""The shared training loop (`gcsurgery.training`, `recipes/train.py`) and one step of every recipe, on tiny data."""
+
+import copy
+import json
+import pickle
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gcsurgery.data import CIFAR10_CLASSES, write_idx
+from gcsurgery.errors import GCSurgeryError
+from gcsurgery.training import ARMS, build_arm, build_model, build_optimizer, cosine_schedule
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+import train as train_script  # noqa: E402  (recipes/ is a folder of scripts, not a package)
+from train import TrainConfig, build_parser  # noqa: E402
+
+
+# --- tiny datasets in the real on-disk formats ------------------------------------------------------------------
+
+
+def fake_fashion(directory: Path, n_train: int = 40, n_test: int = 16) -> Path:
+    """Fashion-MNIST IDX files (gzipped) of random 28x28 images, labels cycling over the 10 classes."""
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return directory
+
+
+def fake_cifar10(root: Path, per_batch: int = 8) -> Path:
+    """cifar-10-batches-py/: pickled dicts with "data" (uint8 (N, 3072) rows, CHW order) and "labels"."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        entry = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": [(b + i) % 10 for i in range(per_batch)]}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": list(CIFAR10_CLASSES)}, protocol=2))
+    return root
+
+
+def fake_folders(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4) -> Path:
+    """ImageNet-style train/<class>/ and val/<class>/ folders of small PNG and JPEG images."""
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                color = (60 * c, 40 * i, 90)
+                Image.new("RGB", (40, 48), color).save(root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches run faster on one thread (and far faster than two threads on shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    return fake_fashion(tmp_path_factory.mktemp("fashion"))
+
+
+def tiny(fashion_dir, out: Path, **kw) -> TrainConfig:
+    settings = {"dataset": "fashion_mnist", "data_dir": str(fashion_dir), "epochs": 1, "batch_size": 8,
+                "limit_train_batches": 2, "out_dir": str(out), "quiet": True, "device": "cpu"}  # fmt: skip
+    return TrainConfig(**{**settings, **kw})
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- the building blocks ----------------------------------------------------------------------------------------
+
+
+def test_arms_start_from_the_same_weights_and_leave_the_rng_alone():
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet20", num_classes=10, in_chans=1)
+    reference = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    example = torch.zeros(2, 1, 32, 32)
+    sites = {}
+    for arm in ARMS:
+        net, sites[arm] = build_arm(copy.deepcopy(model), arm, example_inputs=example)
+        state = net.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in reference.items()), arm
+        assert any(k.startswith("gc.ode.") for k in state) == (arm in ("gcode", "gcgd"))
+        assert net.training and all(m.training for m in net.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert sites["baseline"] == sites["gcode"] == ()
+    assert sites["gcw"] == sites["gcgd"] == ("layer1.2.conv2.weight", "layer2.2.conv2.weight", "layer3.2.conv2.weight")
+
+
+def test_build_errors():
+    with pytest.raises(GCSurgeryError, match="unknown arm 'gc'"):
+        build_arm(torch.nn.Linear(2, 2), "gc", example_inputs=torch.zeros(2, 2))
+    with pytest.raises(GCSurgeryError, match="unknown model 'resnet18'.*torchvision:resnet18"):
+        build_model("resnet18", num_classes=10)
+    with pytest.raises(GCSurgeryError, match="3 input channels"):
+        build_model("torchvision:resnet18", num_classes=10, in_chans=1)
+    with pytest.raises(GCSurgeryError, match="unknown optimizer 'lamb'"):
+        build_optimizer(torch.nn.Linear(2, 2), name="lamb", lr=0.1)
+    with pytest.raises(GCSurgeryError, match="unknown arm 'gc'"):
+        TrainConfig(arm="gc")
+    with pytest.raises(GCSurgeryError, match="cifar10.*needs --data-dir"):
+        train_script.build_data(TrainConfig(dataset="cifar10"))
+
+
+def test_cosine_schedule_with_warmup():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[-1] < 0.05
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    with pytest.raises(GCSurgeryError, match="warmup_steps <= total_steps"):
+        cosine_schedule(opt, total_steps=5, warmup_steps=6)
+
+
+def test_parser_covers_every_field():
+    args = build_parser(TrainConfig(lr=0.05)).parse_args(["--arm", "gcgd", "--no-augment", "--limit-train-batches", "3"])
+    cfg = TrainConfig(**vars(args))
+    assert (cfg.arm, cfg.augment, cfg.limit_train_batches, cfg.lr) == ("gcgd", False, 3, 0.05)
+    with pytest.raises(SystemExit):
+        build_parser(TrainConfig()).parse_args(["--arm", "nope"])
+
+
+# --- train(): arms, outputs, resume -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_each_arm_trains(fashion_dir, tmp_path, arm):
+    summary = train_script.train(tiny(fashion_dir, tmp_path, arm=arm))
+    assert summary["arm"] == arm and 0 <= summary["test_acc"] <= 1 and summary["best_epoch"] == 1
+    assert summary["test_at"] == "best validation epoch (1)"
+    (row,) = read_metrics(tmp_path)
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time", "step_time", "train_time"} <= set(row)
+    assert ("gc_stats" in row) == (arm in ("gcw", "gcgd"))
+    if "gc_stats" in row:
+        assert set(row["gc_stats"]) == set(summary["gcw_sites"]) and len(summary["gcw_sites"]) == 3
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert any(k.startswith("gc.ode.") for k in ckpt["model"]) == (arm in ("gcode", "gcgd"))
+    assert (ckpt["gc_plan"] is not None) == (arm in ("gcode", "gcgd")) and ckpt["epoch"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["test_acc"] == summary["test_acc"]
+    assert (tmp_path / "val_acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_is_bit_identical(fashion_dir, tmp_path, monkeypatch):
+    cfg = {"arm": "gcgd", "epochs": 2, "augment": True}
+    straight = train_script.train(tiny(fashion_dir, tmp_path / "a", **cfg))
+
+    real, calls = train_script.train_one_epoch, []
+
+    def crash_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed during the second epoch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_script, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_script.train(tiny(fashion_dir, tmp_path / "b", **cfg))
+    monkeypatch.setattr(train_script, "train_one_epoch", real)
+    assert len(read_metrics(tmp_path / "b")) == 1
+    resumed = train_script.train(tiny(fashion_dir, tmp_path / "b", resume=str(tmp_path / "b/checkpoint.pt"), **cfg))
+
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["gcw"]["step"] == b["optimizer"]["gcw"]["step"] == 4
+    timeless = [{k: v for k, v in row.items() if "time" not in k} for row in read_metrics(tmp_path / "a")]
+    assert timeless == [{k: v for k, v in row.items() if "time" not in k} for row in read_metrics(tmp_path / "b")]
+    assert (straight["test_acc"], straight["best_epoch"]) == (resumed["test_acc"], resumed["best_epoch"])
+
+
+def test_resume_with_other_settings_is_refused(fashion_dir, tmp_path):
+    train_script.train(tiny(fashion_dir, tmp_path))
+    with pytest.raises(GCSurgeryError, match=r"other settings .*'arm': \('baseline', 'gcw'\)"):
+        train_script.train(tiny(fashion_dir, tmp_path / "b", arm="gcw", resume=str(tmp_path / "checkpoint.pt")))
+
+
+# --- one step of each recipe ------------------------------------------------------------------------------------
+
+STEP = ["--epochs", "1", "--limit-train-batches", "1", "--limit-eval-batches", "1", "--batch-size", "4", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    "recipe, data, extra",
+    [
+        ("fashion_mnist", None, []),  # the embedded subset
+        ("cifar_resnet", "cifar", ["--arm", "gcgd"]),
+        ("imagenet_resnet", "folders", ["--image-size", "32", "--workers", "0", "--val-fraction", "0.25"]),
+        ("timm_model", "fashion", ["--model", "timm:resnet10t", "--arm", "gcode"]),
+    ],
+)
+def test_recipe_one_step(tmp_path, monkeypatch, capsys, recipe, data, extra):
+    make = {"cifar": fake_cifar10, "folders": fake_folders, "fashion": fake_fashion}
+    argv = [*STEP, "--out-dir", str(tmp_path / "out"), *extra]
+    if data is not None:
+        argv += ["--data-dir", str(make[data](tmp_path / "data"))]
+    monkeypatch.setattr(sys, "argv", [str(RECIPES / f"{recipe}.py"), *argv])
+    runpy.run_path(str(RECIPES / f"{recipe}.py"), run_name="__main__")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and 0 <= summary["test_acc"] <= 1
+    assert len(read_metrics(tmp_path / "out")) == 1
+    assert "best val acc" in capsys.readouterr().out
+    if recipe == "imagenet_resnet":
+        assert summary["config"]["amp"] and summary["config"]["channels_last"]  # bf16 autocast on CPU
+        assert "3 classes" in summary["dataset"]
