@@ -8,6 +8,7 @@ state), and that one backward reaches every parameter. Prints a table and writes
 import json
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -16,10 +17,21 @@ from .errors import GCSurgeryError
 __all__ = ["add_arguments", "main", "check_model", "timm_families", "torchvision_models"]
 
 
-def timm_families() -> dict[str, str]:
-    """The smallest model (by parameter count, counted on the meta device) of each timm model module."""
+FAMILIES_CACHE = Path(__file__).parent / "assets" / "timm_families.json"
+
+
+def timm_families(*, refresh: bool = False) -> dict[str, str]:
+    """The smallest model (by parameter count, counted on the meta device) of each timm model module.
+
+    The choice is cached in the package per timm version (`assets/timm_families.json`); it is recomputed,
+    which builds every timm model on the meta device (minutes), when timm's version differs or on `refresh`.
+    """
     import timm
 
+    if not refresh and FAMILIES_CACHE.exists():
+        cached = json.loads(FAMILIES_CACHE.read_text())
+        if cached.get("timm") == timm.__version__:
+            return cached["families"]
     out = {}
     for module in sorted(timm.list_modules()):
         best = None
