@@ -14,7 +14,7 @@ from torch import nn
 
 from .analyze import analyze
 from .errors import GCSurgeryError
-from .trace import Leaf, trace
+from .trace import Leaf, preserve_modes, trace
 
 __all__ = ["GCWSite", "Plan", "State", "plan", "fingerprint", "default_example_inputs"]
 
@@ -337,8 +337,9 @@ def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
     if not isinstance(model, nn.Module):
         raise GCSurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself.")
     example = check_example_inputs(model, example_inputs)
-    traced = trace(model, leaf_modules=leaf_modules)
-    result = analyze(traced.eval, example)
+    with preserve_modes(model):
+        traced = trace(model, leaf_modules=leaf_modules)
+        result = analyze(traced.eval, example)
     states = tuple(
         State(s.node, s.module, tuple(s.info.shape[1:]), s.info.layout, s.info.channels, s.info.reduction)
         for s in result.states

@@ -16,7 +16,7 @@ from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
 from .plans import Plan, fingerprint
 from .plans import plan as make_plan
-from .trace import trace
+from .trace import preserve_modes, trace
 
 __all__ = ["GCGraphModule", "gcify", "strip", "is_gcified"]
 
@@ -39,9 +39,14 @@ class GCGraphModule(fx.GraphModule):
                 self.graph = eval_graph
 
     def train(self, mode: bool = True):
+        self._select_graph(mode)
+        return super().train(mode)
+
+    def _select_graph(self, mode: bool) -> None:
+        """Sets this module's own flag and graph, leaving the submodules' modes as they are."""
         if self._gc_eval_graph is not None and mode != self.training:
             self.graph = self._gc_train_graph if mode else self._gc_eval_graph
-        return super().train(mode)
+        self.training = mode
 
     def _deepcopy_init(self):
         def init(res, fake, graph):
@@ -167,7 +172,8 @@ def gcify(
         raise GCSurgeryError("pass either plan= or example_inputs= (which builds a plan), not both.")
     source = model if inplace else copy.deepcopy(model)
     leaves = tuple(leaf_modules) + tuple(leaf.module for leaf in plan.leaves)
-    traced = trace(source, leaf_modules=tuple(dict.fromkeys(leaves)))
+    with preserve_modes(source):
+        traced = trace(source, leaf_modules=tuple(dict.fromkeys(leaves)))
     _check_plan(source, plan, {traced.train.graph, traced.eval.graph})
 
     train_graph, eval_graph = traced.train.graph, (traced.eval.graph if traced.dual else None)
@@ -195,7 +201,8 @@ def gcify(
     for g in gm.graphs:
         _insert_branches(g, plan)
     gm.recompile_all()
-    gm.train(model.training)
+    holder.train(model.training)
+    gm._select_graph(model.training)  # submodules keep their own modes (e.g. frozen BatchNorm)
     from . import __version__
 
     _set_preserved(gm, gc_plan=plan, gc_ode=ode, gc_version=__version__)

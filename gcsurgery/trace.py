@@ -7,6 +7,7 @@ Models whose forward branches on `self.training` trace to different graphs in tr
 graphs are traced, and the caller decides whether they differ.
 """
 
+import contextlib
 import dataclasses
 import traceback
 
@@ -15,7 +16,7 @@ from torch import fx, nn
 
 from .errors import GCSurgeryError
 
-__all__ = ["Leaf", "Traced", "trace"]
+__all__ = ["Leaf", "Traced", "preserve_modes", "trace"]
 
 MAX_FALLBACK_LEAVES = 16
 
@@ -39,6 +40,17 @@ class Traced:
     @property
     def dual(self) -> bool:
         return self.train is not self.eval
+
+
+@contextlib.contextmanager
+def preserve_modes(model: nn.Module):
+    """Restores the train/eval flag of every submodule on exit (tracing and shape propagation switch them)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:

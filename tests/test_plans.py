@@ -61,6 +61,10 @@ def test_plan_restores_mode_and_leaves_model_untouched(tiny_resnet):
     assert tiny_resnet.training
     after = tiny_resnet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in tiny_resnet.modules())
+    tiny_resnet.eval()
+    gcs.gcify(tiny_resnet, example_inputs=torch.randn(2, 3, 32, 32), inplace=True)
+    assert not any(m.training for m in tiny_resnet.modules())
 
 
 @pytest.mark.parametrize(
