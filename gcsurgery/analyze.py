@@ -280,12 +280,9 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
         if body and info.hw == (1, 1) and infos[body[-1]].hw != (1, 1):
             break  # global pooling
         body.append(name)
+    any_levels = sorted({i.reduction for n, i in infos.items() if i.reduction is not None and n not in inputs})
     if not body:
-        raise GCSurgeryError(
-            f"{type(gm).__name__} has no spatial feature maps between input and output that every path passes "
-            f"through (shape of the input: {tuple(example.shape)}); gcsurgery needs a CNN with a spatial hierarchy. "
-            f"MLPs and plain ViTs have no downsampling to correct around."
-        )
+        _refuse(gm, example, any_levels, "no feature map that every input-to-output path passes through")
     levels = sorted({infos[n].reduction for n in body})
     downsamplers = _downsampling_ops(gm, g, infos, nodes)
     weighted = {n: _weight_of(gm, nodes[n]) for n in g.nodes}
@@ -320,11 +317,7 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
         if infos[stem].reduction == infos[states[0]].reduction:
             states.insert(0, stem)
     if len(states) < 2:
-        raise GCSurgeryError(
-            f"{type(gm).__name__} has no spatial downsampling on its main path (input {tuple(example.shape)}, "
-            f"one resolution level {levels}); GC-ODE needs at least two hidden states. "
-            f"MLPs and plain ViTs are not supported; for a CNN, check the example input size."
-        )
+        _refuse(gm, example, any_levels, f"hidden states only at reduction {levels}")
 
     result = []
     for i, name in enumerate(states):
@@ -332,6 +325,21 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
         mod = _owner_module(nodes[site]) if site else None
         result.append(StateInfo(name, _owner_module(nodes[name]), infos[name], mod, weighted[site] if site else None))
     return Analysis(gm, g, infos, tuple(cuts), tuple(result), tuple(notes))
+
+
+def _refuse(gm, example, levels: list[int], why: str):
+    name, shape = type(gm).__name__, tuple(example.shape)
+    if len(levels) < 2:
+        raise GCSurgeryError(
+            f"{name} has no spatial downsampling (input {shape}, feature maps at reduction {levels or 'none'}); "
+            f"GC-ODE pairs need at least two resolution levels. MLPs and plain ViTs are not supported; "
+            f"for a CNN, check that the example input is large enough."
+        )
+    raise GCSurgeryError(
+        f"{name} has feature maps at reductions {levels} (input {shape}) but {why}: its resolutions live in "
+        f"parallel streams or in token layouts with extra tokens (a class token), so no hidden state chain exists. "
+        f"Build a plan by hand with gcsurgery.Plan, or pass leaf_modules= to hide the parallel parts."
+    )
 
 
 def _spatial_inputs(node, infos):

@@ -267,11 +267,19 @@ def default_example_inputs(model: nn.Module) -> torch.Tensor:
     return torch.randn(1, *size)
 
 
-def _first_conv_in_channels(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d):
-            return m.in_channels
-    return None
+def _check_channels(gm, example: torch.Tensor) -> None:
+    """A convolution that reads the input directly must take the example's channel count."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.Conv2d):
+                if mod.in_channels != example.shape[1]:
+                    raise GCSurgeryError(
+                        f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the "
+                        f"model's first convolution {node.target!r} expects {mod.in_channels}; "
+                        f"pass an input with {mod.in_channels} channels."
+                    )
+                return
 
 
 def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
@@ -294,12 +302,6 @@ def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
         )
     if not example.is_floating_point():
         raise GCSurgeryError(f"example_inputs must be floating point, got {example.dtype}; use x.float().")
-    chans = _first_conv_in_channels(model)
-    if chans is not None and example.shape[1] != chans:
-        raise GCSurgeryError(
-            f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the model's "
-            f"first convolution expects {chans}; pass an input with {chans} channels."
-        )
     param = next(iter(model.parameters()), None)
     if param is not None:
         if not param.is_floating_point():
@@ -318,8 +320,13 @@ def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
         return []
     have = {(s.num_chs, s.reduction) for s in states}
     missing = [f"{m} ({c} ch, /{r})" for c, r, m in stages if (c, r) not in have]
-    if not missing:
+    if not missing and len(stages) == len(states):
         return [f"matches all {len(stages)} stages of timm's feature_info"]
+    if not missing:
+        return [
+            f"timm's feature_info has {len(stages)} stages, this plan {len(states)} states; "
+            "each stage's (channels, reduction) is among the states"
+        ]
     return [f"differs from timm's feature_info at: {', '.join(missing)}"]
 
 
@@ -339,6 +346,7 @@ def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
     example = check_example_inputs(model, example_inputs)
     with preserve_modes(model):
         traced = trace(model, leaf_modules=leaf_modules)
+        _check_channels(traced.eval, example)
         result = analyze(traced.eval, example)
     states = tuple(
         State(s.node, s.module, tuple(s.info.shape[1:]), s.info.layout, s.info.channels, s.info.reduction)

@@ -102,7 +102,7 @@ def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
                 raise AssertionError(f"GC-ODE parameters without gradient: {branch_params[:3]}")
         row["status"] = "ok"
     except GCSurgeryError as e:
-        row["status"] = "no hierarchy" if "no spatial" in str(e) else "refused"
+        row["status"] = "no hierarchy" if "no spatial downsampling" in str(e) else "refused"
         row["detail"] = str(e)
     except AssertionError as e:
         row["status"] = "mismatch"
