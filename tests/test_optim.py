@@ -1,0 +1,406 @@
+"""GCOptimizer: torch.optim conventions, exact resume, AMP, DDP, safety, and that the hypergradient is wired."""
+
+import io
+import os
+import types
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gcsurgery.errors import GCSurgeryError
+from gcsurgery.gcw import GCWOptions
+from gcsurgery.models import cifar_resnet
+from gcsurgery.optim import GCOptimizer
+
+SITES = ["conv1.weight", "conv2.weight", "fc.weight"]
+RESNET_SITES = ["layer1.2.conv2.weight", "layer2.2.conv2.weight", "layer3.2.conv2.weight"]
+SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
+ADAMW = (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.05})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster and keeps the suite quick on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            bn1=nn.BatchNorm2d(8),
+            act1=nn.ReLU(),
+            conv2=nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False),
+            bn2=nn.BatchNorm2d(8),
+            act2=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(8, 4),
+        )
+    )
+
+
+def batches(n, seed=0, size=8, hw=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, hw, hw, generator=g), torch.randint(0, 4, (size,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data, sched=None):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def assert_same(a, b, path="state"):
+    """Recursive bit-equality of nested dicts / lists / tensors / numbers."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def gc_state(opt):
+    return opt.state_dict()["gcw"]
+
+
+# --- conventions -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_first_step_is_bit_identical_to_the_base_optimizer(base):
+    cls, kw = base
+    plain_model, gc_model = tiny_cnn(), tiny_cnn()
+    plain, gc = cls(plain_model.parameters(), **kw), GCOptimizer(gc_model, cls, sites=SITES, **kw)
+    train(plain_model, plain, batches(1))
+    train(gc_model, gc, batches(1))
+    for p, q in zip(plain_model.parameters(), gc_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert_same(plain.state_dict(), {k: v for k, v in gc.state_dict().items() if k != "gcw"})
+
+
+def test_param_groups_and_state_are_shared_and_lr_schedulers_drive_both():
+    model = tiny_cnn()
+    opt = GCOptimizer(model, torch.optim.SGD, sites=SITES, lr=0.1, momentum=0.9)
+    assert opt.param_groups is opt.base.param_groups and opt.state is opt.base.state
+    assert not hasattr(opt, "_step_supports_amp_scaling")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        train(model, opt, batches(2), sched)
+    assert opt.base.param_groups[0]["lr"] == pytest.approx(0.025)
+    # the corrector's step follows the schedule: lr ratio 0.25 now reaches the features
+    assert float(opt._sites[0].feats[0, -1]) == pytest.approx(0.5)
+
+
+def test_base_can_be_an_instance_from_timm():
+    timm_optim = pytest.importorskip("timm.optim")
+    model = tiny_cnn()
+    base = timm_optim.create_optimizer_v2(model, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt = GCOptimizer(model, base, sites=SITES)
+    assert opt.base is base and opt.param_groups is base.param_groups
+    train(model, opt, batches(3))
+    assert set(opt.gc_stats()) == set(SITES)
+
+
+def test_sites_default_to_the_models_gc_plan():
+    model = tiny_cnn()
+    site = types.SimpleNamespace(param="conv2.weight", node="conv2")
+    model.gc_plan = types.SimpleNamespace(gcw_sites=(site,))
+    opt = GCOptimizer(model, torch.optim.SGD, lr=0.1)
+    assert opt.sites == ("conv2.weight",)
+
+
+def test_building_leaves_the_global_rng_alone():
+    model = tiny_cnn()
+    before = torch.get_rng_state()
+    GCOptimizer(model, torch.optim.SGD, sites=SITES, gcw=GCWOptions(seed=7), lr=0.1)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_zero_grad_and_gc_stats():
+    model = tiny_cnn()
+    opt = GCOptimizer(model, torch.optim.SGD, sites=SITES, lr=0.1, momentum=0.9)
+    train(model, opt, batches(3))
+    stats = opt.gc_stats()
+    for name in SITES:
+        s = stats[name]
+        for key in ("ratio", "next_grad_dot", "proposal_dot", "cosine", "trust", "coef_grad", "coef_weight"):
+            assert key in s and isinstance(s[key], float)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_update_every_trains_the_corrector_every_k_steps():
+    model = tiny_cnn()
+    opt = GCOptimizer(model, torch.optim.SGD, sites=SITES, gcw=GCWOptions(update_every=3), lr=0.1)
+    changed = []
+    for data in batches(7):
+        before = [p.clone() for p in opt._sites[0].params]
+        step = opt._step
+        train(model, opt, [data])
+        after = opt._sites[0].params
+        changed.append((step, not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))))
+    assert changed == [(s, s > 0 and s % 3 == 0) for s in range(7)]
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", [SGD, ADAMW], ids=["sgd", "adamw"])
+def test_resume_is_bit_identical(base):
+    cls, kw = base
+    gcw = GCWOptions(trust_warmup=2, trust_z=0.5)  # let corrections act within 10 steps
+    data = batches(10)
+
+    def build(seed):
+        model = tiny_cnn(seed)
+        opt = GCOptimizer(model, cls, sites=SITES, gcw=gcw, **kw)
+        return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+
+    m1, o1, s1 = build(0)
+    train(m1, o1, data, s1)
+    m2, o2, s2 = build(0)
+    train(m2, o2, data[:5], s2)
+    buf = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sched": s2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    m3, o3, s3 = build(123)
+    m3.load_state_dict(ckpt["model"])
+    o3.load_state_dict(ckpt["opt"])
+    s3.load_state_dict(ckpt["sched"])
+    assert o3.param_groups is o3.base.param_groups
+    train(m3, o3, data[5:], s3)
+    assert_same(m1.state_dict(), m3.state_dict(), "model")
+    assert_same(o1.state_dict(), o3.state_dict(), "optimizer")
+    assert max(s["ratio"] for s in o1.gc_stats().values()) > 0  # GC-W really acted
+
+
+def test_loading_a_checkpoint_with_other_options_is_refused():
+    model = tiny_cnn()
+    opt = GCOptimizer(model, torch.optim.SGD, sites=SITES, lr=0.1)
+    train(model, opt, batches(2))
+    other = GCOptimizer(tiny_cnn(), torch.optim.SGD, sites=SITES, gcw=GCWOptions(rho=1.0), lr=0.1)
+    with pytest.raises(GCSurgeryError, match="GCWOptions.from_dict"):
+        other.load_state_dict(opt.state_dict())
+    fewer = GCOptimizer(tiny_cnn(), torch.optim.SGD, sites=SITES[:1], lr=0.1)
+    with pytest.raises(GCSurgeryError, match="same sites"):
+        fewer.load_state_dict(opt.state_dict())
+
+
+# --- safety ----------------------------------------------------------------------------------------
+
+
+def test_grad_scaler_overflow_skips_the_step_and_gcw():
+    model = tiny_cnn()
+    opt = GCOptimizer(model, torch.optim.SGD, sites=SITES, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    assert scaler.is_enabled()
+    data = batches(4)
+
+    def amp_step(x, y, poison=False):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for x, y in data[:3]:
+        amp_step(x, y)
+    params, state = [p.clone() for p in model.parameters()], gc_state(opt)
+    state = {"step": state["step"], "sites": {k: {kk: vv for kk, vv in v.items()} for k, v in state["sites"].items()}}
+    snapshot = io.BytesIO()
+    torch.save(state, snapshot)
+    amp_step(*data[3], poison=True)
+    assert scaler.get_scale() < 2.0**8  # the scaler saw the overflow
+    for p, q in zip(params, model.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.isfinite(q).all()
+    snapshot.seek(0)
+    assert_same(torch.load(snapshot), {"step": gc_state(opt)["step"], "sites": gc_state(opt)["sites"]})
+    amp_step(*data[0])
+    assert opt._step == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_gradient_leaves_gcw_state_intact():
+    model = tiny_cnn()
+    opt = GCOptimizer(model, torch.optim.SGD, sites=SITES, lr=0.1, momentum=0.9)
+    train(model, opt, batches(4))
+    site = opt._sites[1]
+    keep = [t.clone() for t in (*site.params, *site.exp_avg, *site.exp_avg_sq, site.adam_step, site.V, site.trust)]
+    x, y = batches(1, seed=5)[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model.conv2.weight.grad[0, 0, 0, 0] = float("nan")
+    model.conv2.weight.grad[1, 0, 0, 0] = float("inf")
+    opt.step()
+    now = (*site.params, *site.exp_avg, *site.exp_avg_sq, site.adam_step, site.V, site.trust)
+    assert all(torch.equal(a, b) for a, b in zip(keep, now, strict=True))  # no corrector update, no history
+    stats = opt.gc_stats()["conv2.weight"]
+    assert stats["ratio"] == 0.0 and stats["next_grad_dot"] == 0.0  # nothing added, pair not counted
+    assert all(torch.isfinite(t).all() for s in opt._sites for t in (*s.params, s.V, s.e, s.trust))
+
+
+def test_a_non_finite_correction_never_reaches_the_weights():
+    plain_model, gc_model = tiny_cnn(), tiny_cnn()
+    plain = torch.optim.SGD(plain_model.parameters(), lr=0.1, momentum=0.9)
+    gc = GCOptimizer(gc_model, torch.optim.SGD, sites=SITES, gcw=GCWOptions(trust=False), lr=0.1, momentum=0.9)
+    for s in gc._sites:
+        with torch.no_grad():
+            s.corrector.out.bias.fill_(float("nan"))  # the corrector proposes NaN everywhere
+    data = batches(3)
+    train(plain_model, plain, data)
+    train(gc_model, gc, data)
+    for p, q in zip(plain_model.parameters(), gc_model.parameters(), strict=True):
+        assert torch.isfinite(q).all() and torch.equal(p, q)
+
+
+def test_hypergradient_lowers_the_loss_when_the_learning_rate_is_too_small():
+    """Full-batch CNN regression with SGD at 1/10 of a good lr (0.3): GC-W learns to step further."""
+
+    def net():
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(),
+            nn.Flatten(), nn.Linear(8 * 8 * 8, 4),
+        )  # fmt: skip
+
+    def run(seed, gc):
+        torch.manual_seed(seed + 100)
+        teacher = net()
+        X = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            Y = teacher(X)
+        torch.manual_seed(seed)
+        model = net()
+        if gc:
+            opt = GCOptimizer(model, torch.optim.SGD, sites=["0.weight", "2.weight", "5.weight"], lr=0.03)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.03)
+        dots = []
+        for i in range(150):
+            opt.zero_grad()
+            loss = F.mse_loss(model(X), Y)
+            loss.backward()
+            opt.step()
+            if gc and i >= 75:
+                dots.append(sum(s["next_grad_dot"] for s in opt.gc_stats().values()))
+        return loss.item(), sum(dots) / max(len(dots), 1)
+
+    for seed in range(3):
+        plain_loss, _ = run(seed, gc=False)
+        gc_loss, dot = run(seed, gc=True)
+        assert dot > 0, seed
+        assert gc_loss < 0.95 * plain_loss, (seed, gc_loss, plain_loss)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+def test_unknown_site_suggests_close_names():
+    with pytest.raises(GCSurgeryError, match=r"unknown GC-W site 'conv2.weigth'.*did you mean \['conv2.weight'"):
+        GCOptimizer(tiny_cnn(), torch.optim.SGD, sites=["conv2.weigth"], lr=0.1)
+
+
+def test_module_names_resolve_to_their_weight():
+    opt = GCOptimizer(tiny_cnn(), torch.optim.SGD, sites=["conv2"], lr=0.1)
+    assert opt.sites == ("conv2.weight",)
+
+
+def test_plain_model_without_sites_is_refused():
+    with pytest.raises(GCSurgeryError, match=r"not gcified.*pass sites=.*or gcify the model"):
+        GCOptimizer(tiny_cnn(), torch.optim.SGD, lr=0.1)
+
+
+def test_parameters_missing_from_the_base_optimizer_are_refused():
+    model = tiny_cnn()
+    base = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+    with pytest.raises(GCSurgeryError, match=r"6 trainable parameter\(s\).*'conv1.weight'.*all model.parameters"):
+        GCOptimizer(model, base, sites=["fc.weight"])
+    model.conv1.weight.requires_grad_(False)
+    for m in (model.bn1, model.conv2, model.bn2):
+        m.requires_grad_(False)
+    GCOptimizer(model, base, sites=["fc.weight"])  # frozen parameters may stay out
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"base": "sgd"}, r"torch.optim.Optimizer class .* got 'sgd'"),
+        ({"base": nn.Linear}, r"torch.optim.Optimizer class"),
+        ({"sites": ["bn1.weight"]}, r"'bn1.weight' has shape \(8,\).*ndim >= 2"),
+        ({"sites": ["fc.weight", "fc.weight"]}, r"listed twice"),
+        ({"sites": [3]}, r"must be a parameter name"),
+        ({"gcw": {"rho": 1.0}}, r"gcw must be a GCWOptions"),
+    ],
+)
+def test_bad_input_errors(kwargs, pattern):
+    kwargs = {"base": torch.optim.SGD, "sites": SITES, **kwargs}
+    base = kwargs.pop("base")
+    with pytest.raises(GCSurgeryError, match=pattern):
+        GCOptimizer(tiny_cnn(), base, lr=0.1, **kwargs)
+
+
+def test_instance_with_options_and_double_wrapping_are_refused():
+    model = tiny_cnn()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(GCSurgeryError, match=r"drop \['lr'\]"):
+        GCOptimizer(model, base, sites=SITES, lr=0.2)
+    gc = GCOptimizer(model, base, sites=SITES)
+    with pytest.raises(GCSurgeryError, match="only once"):
+        GCOptimizer(model, gc, sites=SITES)
+    frozen = tiny_cnn()
+    frozen.fc.weight.requires_grad_(False)
+    with pytest.raises(GCSurgeryError, match="frozen"):
+        GCOptimizer(frozen, torch.optim.SGD, sites=["fc.weight"], lr=0.1)
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(cifar_resnet(20))
+    gcw = GCWOptions(trust_warmup=2, trust_z=0.5)
+    opt = GCOptimizer(model, torch.optim.SGD, sites=RESNET_SITES, gcw=gcw, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(6):
+        x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    params = dict(model.module.named_parameters())  # (BN running stats are rank-local under DDP)
+    torch.save({"params": params, "opt": opt.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_stay_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert_same(r0, r1, "rank")
+    sites = r0["opt"]["gcw"]["sites"]
+    assert all(float(s["adam_step"]) == 5 for s in sites.values())  # the corrector trained on every pair
