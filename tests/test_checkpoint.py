@@ -17,11 +17,21 @@ def _steps(model, opt, n, seed):
         opt.step()
 
 
-def test_save_restore_continue_is_bit_identical():
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _gcgd(model):
+    gcw = gcs.GCWOptions(trust_warmup=1, trust_z=0.1)  # let GC-W act from the first steps
+    return gcs.GCOptimizer(model, torch.optim.SGD, gcw=gcw, lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("make_opt", [_sgd, _gcgd])
+def test_save_restore_continue_is_bit_identical(make_opt):
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(0)
     straight = gcs.gcify(TinyResNet(), example_inputs=x)
-    opt = torch.optim.SGD(straight.parameters(), lr=0.1, momentum=0.9)
+    opt = make_opt(straight)
     _steps(straight, opt, 2, seed=1)
     buf = io.BytesIO()
     torch.save(checkpoint(straight, opt, epoch=1), buf)
@@ -30,12 +40,15 @@ def test_save_restore_continue_is_bit_identical():
     torch.manual_seed(123)  # a fresh model with other initial weights
     ckpt = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
     resumed = restore(TinyResNet(), ckpt)
-    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    opt2 = make_opt(resumed)
     opt2.load_state_dict(ckpt["optimizer"])
     assert ckpt["epoch"] == 1 and resumed.gc_plan == straight.gc_plan
     _steps(resumed, opt2, 2, seed=2)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+    assert str(opt.state_dict()) == str(opt2.state_dict())
+    if isinstance(opt, gcs.GCOptimizer):
+        assert any(v["ratio"] > 0 for v in opt.gc_stats().values())  # GC-W corrected, so its state matters
 
 
 def test_checkpoint_errors(tiny_resnet):

@@ -382,9 +382,13 @@ def _ddp_worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(cifar_resnet(20))
+    from gcsurgery import gcify
+
+    # the documented order: gcify, then DDP; the sites come from the plan the gcified model carries
+    model = nn.parallel.DistributedDataParallel(gcify(cifar_resnet(20), example_inputs=(1, 3, 16, 16)))
     gcw = GCWOptions(trust_warmup=2, trust_z=0.5)
-    opt = GCOptimizer(model, torch.optim.SGD, sites=RESNET_SITES, gcw=gcw, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = GCOptimizer(model, torch.optim.SGD, gcw=gcw, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    assert opt.sites == tuple(RESNET_SITES)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
     for _ in range(6):
         x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
