@@ -1,4 +1,4 @@
-"""`gcsurgery` command line: `plan`, `sweep`, `demo`."""
+"""`gcsurgery` command line: `demo`, `plan`, `sweep`."""
 
 import argparse
 import sys
@@ -94,15 +94,12 @@ def main(argv=None) -> int:
     add_sweep_arguments(s)
     s.set_defaults(func=_cmd_sweep)
 
-    try:
-        from .demo import add_arguments as add_demo_arguments
-        from .demo import run as run_demo
-    except ImportError:
-        pass
-    else:
-        d = sub.add_parser("demo", help="baseline vs GCGD, side by side, on the embedded Fashion-MNIST")
-        add_demo_arguments(d)
-        d.set_defaults(func=run_demo)
+    from .demo import add_arguments as add_demo_arguments
+    from .demo import run as run_demo
+
+    d = sub.add_parser("demo", help="baseline vs GCGD, side by side, on the embedded Fashion-MNIST")
+    add_demo_arguments(d)
+    d.set_defaults(func=run_demo)
 
     args = parser.parse_args(argv)
     try:
