@@ -6,6 +6,8 @@ state), and that one backward reaches every parameter. Prints a table and writes
 """
 
 import json
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -157,10 +159,27 @@ def to_markdown(rows: list[dict], title: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def run_isolated(spec: str, *, exact: bool, timeout: float) -> dict:
+    """`check_model` in a fresh interpreter, so a huge model's memory is returned and a hang is cut off."""
+    code = f"import json, gcsurgery.sweep as s; print(json.dumps(s.check_model({spec!r}, exact={exact!r})))"
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        detail = f"no result within {timeout:.0f} s"
+    except (IndexError, json.JSONDecodeError):
+        detail = f"the check process died: {(proc.stderr or '').strip().splitlines()[-1:] or proc.returncode}"
+    row = {"model": spec, "states": 0, "pairs": 0, "gcw": 0, "status": "timeout", "detail": detail}
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--source", choices=("all", "timm", "torchvision"), default="all")
     parser.add_argument("--models", nargs="*", help="explicit model specs (timm:NAME, torchvision:NAME)")
     parser.add_argument("--no-exact", action="store_true", help="plan only; skip gcify and the exactness check")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per model (each runs in its own process)")
     parser.add_argument("--json", default="sweep.json", help="where to write the rows (default sweep.json)")
     parser.add_argument("--markdown", help="also write a Markdown table (docs/coverage.md)")
 
@@ -172,26 +191,27 @@ def main(args) -> int:
         groups = {}
         if args.source in ("all", "timm"):
             fams = timm_families()
-            groups["timm families (smallest model each)"] = [f"timm:{n}" for n in fams.values()]
+            groups["timm families (smallest model each)"] = [f"timm:{n}" for n in sorted(fams.values())]
         if args.source in ("all", "torchvision"):
             groups["torchvision classification models"] = [f"torchvision:{n}" for n in torchvision_models()]
     all_rows, md = {}, []
     for title, specs in groups.items():
         rows = []
         for spec in specs:
-            row = check_model(spec, exact=not args.no_exact)
+            row = run_isolated(spec, exact=not args.no_exact, timeout=args.timeout)
             rows.append(row)
             print(f"{row['status']:>12}  {row['seconds']:6.1f}s  {spec}  {row['detail'][:100]}", flush=True)
+            with open(args.json, "w") as f:
+                json.dump({**all_rows, title: rows}, f, indent=1)
         all_rows[title] = rows
         print(f"\n{title}\n{format_table(rows)}\n{summarize(rows)}\n")
         md.append(to_markdown(rows, title))
-    with open(args.json, "w") as f:
-        json.dump(all_rows, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(
-                "# Coverage\n\nWritten by `gcsurgery sweep --markdown docs/coverage.md`: each model is planned at its "
-                "default input size, gcified, and checked for bit-exact outputs in eval and train mode.\n\n"
+                "# Coverage\n\nWritten by `gcsurgery sweep --markdown docs/coverage.md`: each model is planned at "
+                "its default input size, gcified, and checked for bit-exact outputs in eval and train mode, "
+                "each in its own process.\n\n"
             )
             f.write("\n".join(md))
     return 0
