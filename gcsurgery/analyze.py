@@ -280,12 +280,13 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
         if body and info.hw == (1, 1) and infos[body[-1]].hw != (1, 1):
             break  # global pooling
         body.append(name)
-    any_levels = sorted({i.reduction for n, i in infos.items() if i.reduction is not None and n not in inputs})
+    weighted = {n: _weight_of(gm, nodes[n]) for n in g.nodes}
+    # resolutions the weighted layers work at: more than one means a hierarchy, wherever it lives
+    any_levels = sorted({infos[n].reduction for n in g.nodes if weighted[n] and infos[n].reduction is not None})
     if not body:
         _refuse(gm, example, any_levels, "no feature map that every input-to-output path passes through")
     levels = sorted({infos[n].reduction for n in body})
     downsamplers = _downsampling_ops(gm, g, infos, nodes)
-    weighted = {n: _weight_of(gm, nodes[n]) for n in g.nodes}
     scopes = _scope_index(nodes)
 
     states: list[str] = []
