@@ -9,6 +9,7 @@ graphs are traced, and the caller decides whether they differ.
 
 import contextlib
 import dataclasses
+import inspect
 import traceback
 
 import torch
@@ -88,12 +89,26 @@ class GCTracer(fx.Tracer):
 def _trace_once(model: nn.Module, leaf_types, leaf_names, functions) -> fx.GraphModule:
     tracer = GCTracer(leaf_types=leaf_types, leaf_names=leaf_names, autowrap_functions=functions)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:
         e.gc_failed_module = tracer.failed_module
         raise
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _optional_args(model: nn.Module) -> dict | None:
+    """Forward arguments after the image that have defaults (masks, flags) are fixed at those defaults."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    optional = {
+        p.name: p.default
+        for p in params[1:]
+        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    return optional or None
 
 
 def _short_reason(e: Exception) -> str:
