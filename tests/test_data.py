@@ -69,7 +69,7 @@ def test_write_idx_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "raw, match",
+    ("raw", "match"),
     [
         (b"\x00\x00\x08", "not an IDX file"),
         (b"\x01\x00\x08\x01" + struct.pack(">i", 1) + b"\x00", "two zero bytes"),
@@ -80,7 +80,7 @@ def test_write_idx_round_trip(tmp_path):
             r"dims \(1, 1, 5\) \(5 bytes\) but the file holds 2",
         ),
         (b"\x00\x00\x08\x01" + struct.pack(">i", 1) + b"\x00", "expected an IDX file with 3 dimensions"),
-        (gzip.compress(idx_bytes(np.zeros((2, 2, 2), np.uint8)))[:-12], "cannot read IDX file"),
+        (gzip.compress(idx_bytes(np.zeros((2, 2, 2), np.uint8)), mtime=0)[:-12], "cannot read IDX file"),
     ],
 )
 def test_read_idx_malformed(tmp_path, raw, match):
