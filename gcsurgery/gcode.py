@@ -2,19 +2,20 @@
 
 For a pair of hidden states `h_src` (stage i-1 output) and `h_dst` (stage i output)::
 
-    z0  = R(h_src)                    # pool to dst's size, then 1×1 conv Ca → r
-    z1  = ODESolve(φ, z0, t ∈ [0, 1])  # dz/dt = φ(z, t), fixed-step by default
+    z0  = R(h_src)                    # sample src on the ODE grid, then 1×1 conv Ca → r
+    z1  = ODESolve(φ, z0, t ∈ [0, 1])  # dz/dt = φ(z, t), two Euler steps by default
     out = h_dst + γ ⊙ E(z1)           # E: 1×1 conv r → Cb; γ per channel, initialised to 0
 
+The ODE grid is dst's size, or half of it for a pair without downsampling (E's output is then upsampled).
 With γ = 0 the branch returns `h_dst` exactly, so inserting it does not change the model. The gate is
-folded into E's weights (`(γ⊙W) z + γ⊙b`, the same function), so the branch saves only r-channel
-tensors for backward, never a copy of `h_dst`.
+folded into E's weights (`(γ⊙W) z + γ⊙b`, the same function), so backward keeps no copy of `h_dst`.
 
 The default φ is depthwise-separable with the time as a learned per-channel bias,
-`φ(z, t) = pw(relu(dw3×3(z) + a·t + b))`, integrated by two Euler steps in a plain Python loop (no host
-syncs; torchdiffeq's fixed-grid solver calls `.item()` and copies the states into a solution buffer).
-torchdiffeq runs `dopri5` and the adjoint method. `docs/gcode.md` has the cost measurements behind
-these defaults.
+`φ(z, t) = pw(relu(dw3×3(z) + a·t + b))`, integrated in a plain Python loop (no host syncs; torchdiffeq's
+fixed-grid solver calls `.item()` and copies the states into a solution buffer), with the solver's
+activations recomputed in backward. The ODE runs channels-last, where CPU kernels for convolutions this
+thin are several times faster. torchdiffeq runs `dopri5` and the adjoint method. `docs/gcode.md` has
+the cost measurements behind these defaults.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torchdiffeq
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -31,6 +33,9 @@ from .errors import GCSurgeryError
 __all__ = ["ODEOptions", "GCODE", "LAYOUTS"]
 
 LAYOUTS = ("NCHW", "NHWC", "NLC")
+REDUCES = ("stride", "pool")
+RECOMPUTES = ("ode", "branch", "none")
+_CL = torch.channels_last
 STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}  # φ evaluations per step of each fixed-step solver
 SOLVERS = (*STAGES, "dopri5")
 PHIS = ("dwsep", "conv")
@@ -65,13 +70,17 @@ class ODEOptions:
         act: the activation in φ: "relu", "silu" or "tanh".
         time: how φ sees t: "bias" (a learned per-channel a·t + b after each 3×3 conv) or "channel"
             (a constant t plane concatenated to each 3×3 conv's input; phi="conv" only).
+        reduce: how R brings src to the ODE grid when the sizes differ by a whole factor k: "stride"
+            takes every k-th position (a strided 1×1 conv, like ResNet's projection shortcut), "pool"
+            averages k×k windows first (smoother, about 3× slower on CPU). Other ratios use adaptive
+            average pooling.
         ode_stride: the ODE runs on a grid this many times coarser than the destination (size rounded
             up) and γ⊙E(z1) is upsampled (nearest) back; None means 2 for a pair whose source and
-            destination have the same size (the costly full-resolution pair, which has no downsampling
-            of its own) and 1 for the others.
-        recompute: recompute the branch in backward instead of keeping its activations
-            (non-reentrant `torch.utils.checkpoint`); not applied with adjoint=True, which already
-            keeps none.
+            destination have the same size, at least 16×16 (the costly full-resolution pair, which has
+            no downsampling of its own), and 1 for the others.
+        recompute: what backward recomputes instead of keeping (non-reentrant `torch.utils.checkpoint`):
+            "ode" the solver's activations, "branch" all of the branch (R, the solve, E), "none" nothing.
+            Not applied with adjoint=True, which keeps no solver activations anyway.
         seed: seed of the private generator that initialises the branch, so that building branches
             leaves the global RNG untouched; None draws from the global RNG instead.
     """
@@ -87,8 +96,9 @@ class ODEOptions:
     norm: str = "none"
     act: str = "relu"
     time: str = "bias"
+    reduce: str = "stride"
     ode_stride: int | None = None
-    recompute: bool = True
+    recompute: str = "ode"
     seed: int | None = 0
 
     def __post_init__(self):
@@ -97,11 +107,10 @@ class ODEOptions:
 
         if self.width is not None and not positive_int(self.width):
             _fail("width", self.width, "None or a positive int (channels of the ODE state)")
-        for name, choices in (("solver", SOLVERS), ("phi", PHIS), ("norm", NORMS), ("act", tuple(ACTS))):
+        choices_of = {"solver": SOLVERS, "phi": PHIS, "norm": NORMS, "act": tuple(ACTS), "time": TIMES}
+        for name, choices in (*choices_of.items(), ("reduce", REDUCES), ("recompute", RECOMPUTES)):
             if getattr(self, name) not in choices:
                 _fail(name, getattr(self, name), f"one of {choices}")
-        if self.time not in TIMES:
-            _fail("time", self.time, f"one of {TIMES}")
         if self.time == "channel" and self.phi != "conv":
             _fail("time", self.time, f"'bias' when phi={self.phi!r} (a t channel needs phi='conv'); choices {TIMES}")
         if not (_is_real(self.step_size) and 0 < self.step_size <= 1):
@@ -109,9 +118,8 @@ class ODEOptions:
         for name in ("rtol", "atol"):
             if not (_is_real(getattr(self, name)) and getattr(self, name) > 0):
                 _fail(name, getattr(self, name), "a positive finite number (dopri5 tolerance)")
-        for name in ("adjoint", "recompute"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, getattr(self, name), "True or False")
+        if not isinstance(self.adjoint, bool):
+            _fail("adjoint", self.adjoint, "True or False")
         if not _is_real(self.gate_init):
             _fail("gate_init", self.gate_init, "a finite number (0 keeps the model's function at insertion)")
         if self.ode_stride is not None and not positive_int(self.ode_stride):
@@ -213,26 +221,42 @@ def _to_nchw(x, layout: str, size: tuple[int, int]):
     return x
 
 
-def _from_nchw(x, layout: str):
-    if layout == "NHWC":
-        return x.permute(0, 2, 3, 1)
-    if layout == "NLC":
-        return x.flatten(2).transpose(1, 2)
-    return x
+class SampledLinear(torch.autograd.Function):
+    """`linear(x[:, :, ::kh, ::kw] as (B, h, w, C), weight, bias)` that keeps `x` itself for backward, not the
+    gathered samples, and scatters its input gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kh: int, kw: int):  # (B, C, H, W) -> (B, h, w, r)
+        ctx.save_for_backward(x, weight)
+        ctx.k = (kh, kw)
+        return F.linear(x[:, :, ::kh, ::kw].permute(0, 2, 3, 1), weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # (B, h, w, r)
+        x, weight = ctx.saved_tensors
+        (kh, kw), g2 = ctx.k, g.flatten(0, 2)  # (N, r)
+        samples = x[:, :, ::kh, ::kw].permute(0, 2, 3, 1).to(g.dtype).flatten(0, 2)  # (N, C), a copy
+        gw = (g2.t() @ samples).to(weight.dtype)  # (r, C)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.zeros_like(x)
+            gx[:, :, ::kh, ::kw] = (g2 @ weight.to(g.dtype)).unflatten(0, g.shape[:3]).permute(0, 3, 1, 2)
+        return gx, gw, g2.sum(0).to(weight.dtype), None, None
 
 
-def _pool_to(x, size):
-    """Average-pools (B, C, H, W) to `size`: kernel = stride for whole ratios, adaptive otherwise."""
+def _reduce(x, size, how: str, weight, bias):
+    """R: (B, C, H, W) -> (B, h, w, r) on the ODE grid `size`, by sampling every k-th position ("stride") or
+    averaging k×k windows ("pool") for whole ratios, by adaptive average pooling otherwise, then a 1×1 map."""
     (h, w), (oh, ow) = x.shape[-2:], size
-    if (h, w) == (oh, ow):
-        return x
-    if h % oh == 0 and w % ow == 0:
-        return F.avg_pool2d(x, (h // oh, w // ow))
-    return F.adaptive_avg_pool2d(x, size)
+    if h % oh == 0 and w % ow == 0 and (how == "stride" or (h, w) == (oh, ow)):
+        return SampledLinear.apply(x, weight, bias, h // oh, w // ow)
+    x = F.avg_pool2d(x, (h // oh, w // ow)) if h % oh == 0 and w % ow == 0 else F.adaptive_avg_pool2d(x, size)
+    return F.linear(x.permute(0, 2, 3, 1), weight, bias)
 
 
 class GCODE(nn.Module):
-    """GC-ODE branch: `forward(src, dst)` returns `dst + γ ⊙ E(ODESolve(φ, R(src)))` in dst's layout.
+    """GC-ODE branch: `branch(src, dst)` returns `dst + γ ⊙ E(ODESolve(φ, R(src)))` in dst's layout.
 
     Args:
         in_chs: channels of src (Ca).
@@ -276,13 +300,14 @@ class GCODE(nn.Module):
         self.width = r = options.width or max(8, out_chs // 4)
         self._fixed = options.solver in STAGES and not options.adjoint
         self._grid = options.grid
-        self._recompute = options.recompute and not options.adjoint
-        self.ode_stride = options.ode_stride or (2 if self.in_size == self.out_size else 1)
+        self._recompute = "none" if options.adjoint else options.recompute
+        coarsen = self.in_size == self.out_size and min(self.out_size) >= 16
+        self.ode_stride = options.ode_stride or (2 if coarsen else 1)
         self._nfe = STAGES[options.solver] * (len(self._grid) - 1) if self._fixed else 0
         with torch.random.fork_rng(devices=[], enabled=options.seed is not None):
             if options.seed is not None:
                 torch.manual_seed(options.seed)
-            self.reduce = nn.Conv2d(in_chs, r, 1)  # R (after pooling: the two commute, pooling first is cheaper)
+            self.reduce = nn.Conv2d(in_chs, r, 1)  # R, applied after resampling (cheaper than before)
             self.in_norm = _group_norm(r) if options.norm == "input" else nn.Identity()
             self.phi = Phi(r, options)
             self.expand = nn.Conv2d(r, out_chs, 1)  # E
@@ -303,8 +328,6 @@ class GCODE(nn.Module):
         o = self.options
         if self._fixed:
             return fixed_grid_solve(self.phi, z, o.solver, self._grid)
-        import torchdiffeq
-
         calls = [0]
 
         def func(t, y):
@@ -322,21 +345,35 @@ class GCODE(nn.Module):
         self._nfe = calls[0]
         return zs[-1]
 
-    def _branch(self, x, ode_hw):  # (B, Ca, Ha, Wa) -> γ ⊙ E(z1): (B, Cb, h, w), channels_last
-        x = _pool_to(x, ode_hw).contiguous(memory_format=torch.channels_last)  # (B, Ca, h, w)
-        z = self._solve(self.in_norm(self.reduce(x)))  # (B, r, h, w)
-        return F.conv2d(z, self.expand.weight * self.gate.view(-1, 1, 1, 1), self.expand.bias * self.gate)
+    def _correction(self, x, ode_hw, channels_last: bool):
+        """γ ⊙ E(z1) on the ODE grid: (B, h, w, Cb) if channels_last else (B, Cb, h, w); x: (B, Ca, Ha, Wa)."""
+        z = _reduce(x, ode_hw, self.options.reduce, self.reduce.weight.flatten(1), self.reduce.bias)  # (B, h, w, r)
+        z = z.permute(0, 3, 1, 2)  # (B, r, h, w), channels_last strides
+        z = self.in_norm(z)
+        if self._recompute == "ode" and torch.is_grad_enabled():
+            z = checkpoint(self._solve, z, use_reentrant=False, preserve_rng_state=False)
+        else:
+            z = self._solve(z)  # (B, r, h, w), channels_last strides
+        w = self.expand.weight.flatten(1) * self.gate[:, None]  # (Cb, r)
+        b = self.expand.bias * self.gate  # (Cb,)
+        if channels_last:
+            return F.linear(z.permute(0, 2, 3, 1), w, b)  # (B, h, w, Cb)
+        return torch.baddbmm(b[:, None], w.expand(len(z), -1, -1), z.flatten(2)).unflatten(2, ode_hw)
 
     def forward(self, src, dst):
         """Returns dst + γ ⊙ E(z1), with dst's shape, layout and dtype."""
         lay = self.out_layout
         out_hw = tuple(self.out_size if lay == "NLC" else dst.shape[1:3] if lay == "NHWC" else dst.shape[2:])
         ode_hw = (-(-out_hw[0] // self.ode_stride), -(-out_hw[1] // self.ode_stride))
+        # E runs in dst's memory order, except that upsampling is cheaper channels-last
+        cl = lay != "NCHW" or ode_hw != out_hw or (not dst.is_contiguous() and dst.is_contiguous(memory_format=_CL))
         x = _to_nchw(src, self.in_layout, self.in_size)  # (B, Ca, Ha, Wa)
-        if self._recompute and torch.is_grad_enabled():
-            e = checkpoint(self._branch, x, ode_hw, use_reentrant=False, preserve_rng_state=False)
+        if self._recompute == "branch" and torch.is_grad_enabled():
+            e = checkpoint(self._correction, x, ode_hw, cl, use_reentrant=False, preserve_rng_state=False)
         else:
-            e = self._branch(x, ode_hw)  # (B, Cb, h, w)
-        if ode_hw != out_hw:
-            e = F.interpolate(e, size=out_hw, mode="nearest")  # (B, Cb, Hb, Wb)
-        return dst + _from_nchw(e, lay).to(dst.dtype)
+            e = self._correction(x, ode_hw, cl)
+        if ode_hw != out_hw:  # nearest upsampling
+            e = F.interpolate(e.permute(0, 3, 1, 2), size=out_hw, mode="nearest").permute(0, 2, 3, 1)
+        if cl:  # e: (B, Hb, Wb, Cb)
+            e = e.flatten(1, 2) if lay == "NLC" else e.permute(0, 3, 1, 2) if lay == "NCHW" else e
+        return dst + e.to(dst.dtype)

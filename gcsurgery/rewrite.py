@@ -8,6 +8,7 @@ zero, so the rewritten model computes exactly what the original did.
 """
 
 import copy
+import dataclasses
 
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
@@ -180,8 +181,9 @@ def gcify(
     gm = GCGraphModule(source, train_graph, eval_graph=eval_graph, class_name=f"GC{type(model).__name__}")
     param = next(iter(source.parameters()), None)
     branches = nn.ModuleList()
-    for a, b in plan.ode_pairs:
+    for k, (a, b) in enumerate(plan.ode_pairs):
         src, dst = plan.states[a], plan.states[b]
+        options = ode if ode.seed is None else dataclasses.replace(ode, seed=ode.seed + k)  # distinct inits
         branches.append(
             GCODE(
                 src.num_chs,
@@ -190,7 +192,7 @@ def gcify(
                 _spatial(dst),
                 in_layout=src.layout,
                 out_layout=dst.layout,
-                options=ode,
+                options=options,
             )
         )
     if param is not None:
