@@ -138,10 +138,10 @@ def _hw(layout, shape):
     return side, side
 
 
-def propagate(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, NodeInfo]:
-    """Runs the model once on `example` (no grad, eval mode) and describes every node's output."""
+def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = False) -> dict[str, NodeInfo]:
+    """Runs the model once on `example` (no grad; eval mode unless `training`) and describes every node's output."""
     was_training = gm.training
-    gm.eval()
+    gm.train(training)
     try:
         with torch.no_grad():
             try:  # fake tensors: shapes without compute
