@@ -1,0 +1,90 @@
+"""The benchmarks in their smallest modes: they run, and what they write has the expected keys and shapes."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(BENCHMARKS / script), *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def load(script: str):
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_smallest_run_writes_time_and_memory_ratios(tmp_path):
+    out = tmp_path / "overhead.json"
+    argv = ["--models", "cifar_resnet20", "--arms", "gcgd", "--batch", "2", "--rounds", "2", "--steps", "1"]
+    run("overhead.py", *argv, "--warmup", "1", "--threads", "1", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["threads"] == 1 and res["device"] == "cpu" and res["rounds"] == 2 and res["memory"] == "all"
+    (case,) = res["cases"]
+    assert case["model"] == "cifar_resnet20" and case["batch"] == 2 and case["input"] == [3, 32, 32]
+    assert list(case["arms"]) == ["baseline", "gcgd"]  # the baseline is always measured
+    base, gcgd = case["arms"]["baseline"], case["arms"]["gcgd"]
+    assert base["time_ratio"] == {"median": 1.0, "p10": 1.0, "p90": 1.0}
+    assert base["peak_ratio"] == base["saved_ratio"] == 1.0 and base["rss_ratio"] in (1.0, None)  # None: RSS +0
+    assert len(gcgd["step_s"]) == 2 and all(len(r) == 1 for r in gcgd["step_s"])
+    assert gcgd["step_ms"]["p10"] <= gcgd["step_ms"]["median"] <= gcgd["step_ms"]["p90"]
+    assert gcgd["time_ratio"]["median"] > 0
+    assert gcgd["memory"]["peak_kind"] == "cpu_allocator_profiler" and gcgd["memory"]["rss_peak_reset"]
+    assert isinstance(gcgd["rss_mb"], float) and "rss_ratio" in gcgd  # RSS may not grow at all on a tiny batch
+    assert gcgd["peak_ratio"] > 1 and gcgd["saved_ratio"] > 1  # the GC-ODE branches and GC-W state take memory
+    assert len(gcgd["sites"]) == 3 and base["sites"] == []
+
+
+def test_time_to_accuracy_quick_writes_results_table_and_plot(tmp_path):
+    done = run("time_to_accuracy.py", "--quick", "--out", str(tmp_path))
+    assert "results.md" in done.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    arms = ["baseline", "gcw", "gcode", "gcgd", "lookahead"]
+    assert res["arms_order"] == arms and res["seeds"] == [0] and res["config"]["epochs"] == 2
+    for arm in arms:
+        r = res["arms"][arm]
+        assert len(r["val_curve"]["mean"]) == len(r["val_curve"]["std"]) == 3  # the untrained model, then 2 epochs
+        assert 0 <= r["final_val_acc"]["mean"] <= 1 and r["final_val_acc"]["n"] == 1
+        assert 0 <= r["test_acc"]["mean"] <= 1 and r["best_epoch"][0] in (0, 1, 2)
+        assert r["step_time_ratio"]["p10"] <= r["step_time_ratio"]["median"] <= r["step_time_ratio"]["p90"]
+    assert res["arms"]["baseline"]["final_val_diff"]["mean"] == 0.0
+    assert set(res["levels"]) == {"0.5", "0.75", "0.9", "1"}
+    assert all(set(lv["arms"]) == set(arms) for lv in res["levels"].values())
+    final = res["levels"]["1"]
+    assert final["target"] == pytest.approx(res["arms"]["baseline"]["final_val_acc"]["mean"])
+    assert final["arms"]["baseline"]["epochs_ratio"] in (1.0, None)  # None: the untrained model is already there
+    runs = json.loads((tmp_path / "runs" / "gcgd-seed0.json").read_text())
+    assert [r["epoch"] for r in runs["history"]] == [0, 1, 2] and len(runs["sites"]) == 3
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{a}-seed0.json" for a in arms)
+    md = (tmp_path / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in arms]
+    assert len(rows) == 2 * len(arms)  # the main table and the levels table
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    refused = run("time_to_accuracy.py", "--quick", "--out", str(tmp_path), check=False)
+    assert refused.returncode == 1 and "holds earlier runs; pass --resume" in refused.stderr
+    resumed = run("time_to_accuracy.py", "--quick", "--out", str(tmp_path), "--resume")
+    assert not any(line.startswith("seed 0 epoch") for line in resumed.stdout.splitlines())  # all runs skipped
+    assert json.loads((tmp_path / "results.json").read_text())["arms"] == res["arms"]
+
+
+def test_crossing_interpolates_between_epochs(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the module sets it when absent; keep the change local
+    crossing = load("time_to_accuracy.py").crossing
+    accs, times = [0.1, 0.5, 0.7, 0.8], [0.0, 10.0, 20.0, 30.0]
+    assert crossing(accs, times, 0.6) == pytest.approx((1.5, 15.0))
+    assert crossing(accs, times, 0.5) == (1.0, 10.0)
+    assert crossing(accs, times, 0.05) == (0.0, 0.0)
+    assert crossing(accs, times, 0.9) == (None, None)
