@@ -139,7 +139,7 @@ def summarize(rows: list[dict]) -> str:
     return (
         f"{len(rows)} models: "
         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        + f"; {ok}/{len(hier)} with a spatial hierarchy planned and exact ({pct:.1f}%)"
+        + f"; {ok}/{len(hier)} of those with a spatial hierarchy ok ({pct:.1f}%)"
     )
 
 

@@ -61,4 +61,4 @@ def test_sweep_on_selected_models(tmp_path, capsys):
     rows = json.loads(js.read_text())["selected"]
     assert [r["status"] for r in rows] == ["ok", "no hierarchy"]
     assert rows[0]["pairs"] == 3
-    assert "1/1 with a spatial hierarchy planned and exact (100.0%)" in md.read_text()
+    assert "1/1 of those with a spatial hierarchy ok (100.0%)" in md.read_text()
