@@ -1,14 +1,12 @@
 """Tiny CNNs shared by the tests (32x32 inputs, a few thousand parameters)."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: the workers share the cores
-    torch.set_num_threads(1)
+# The tests run tiny tensors: one intra-op thread is faster, and parallel workers share the cores.
+torch.set_num_threads(1)
 
 
 class Block(nn.Module):

@@ -26,14 +26,6 @@ from gcsurgery.gcw import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _history(C=6, D=4, n=10, seed=0, dtype=torch.float64):
     return torch.randn(C, D, n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

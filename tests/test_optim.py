@@ -22,15 +22,6 @@ SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
 ADAMW = (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.05})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and keeps the suite quick on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cnn(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -60,15 +60,6 @@ def fake_folders(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4) 
     return root
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches run faster on one thread (and far faster than two threads on shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
     return fake_fashion(tmp_path_factory.mktemp("fashion"))
