@@ -191,3 +191,16 @@ def test_torch_compile_matches_eager(x32):
     gm.eval()
     compiled = torch.compile(gm, backend="aot_eager")  # the graph capture; inductor is slow to build on CPU
     torch.testing.assert_close(compiled(x32), gm(x32), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_model_ema_of_a_gcified_model(x32):
+    from timm.utils import ModelEmaV3
+
+    gm = gcs.gcify(TinyResNet(dropout=0.5), example_inputs=x32)
+    ema = ModelEmaV3(gm, decay=0.5)
+    assert gcs.is_gcified(ema.module) and ema.module.gc_plan == gm.gc_plan and not ema.module.training
+    with torch.no_grad():
+        gm.get_parameter("gc.ode.0.gate").fill_(1.0)
+    ema.update(gm)
+    assert torch.allclose(ema.module.get_parameter("gc.ode.0.gate"), torch.full_like(gm.gc.ode[0].gate, 0.5))
+    assert torch.equal(ema.module(x32), ema.module(x32))  # the EMA copy runs its eval graph
