@@ -4,44 +4,9 @@ import argparse
 import sys
 
 from .errors import GCSurgeryError
+from .models import build_model
 
 __all__ = ["main", "build_model"]
-
-
-def build_model(spec: str, *, num_classes: int | None = None, in_chans: int | None = None):
-    """Builds a model from `timm:NAME`, `torchvision:NAME` or `cifar_resnetDEPTH`, never downloading weights."""
-    kw = {}
-    if num_classes is not None:
-        kw["num_classes"] = num_classes
-    if spec.startswith("cifar_resnet"):
-        from .models import cifar_resnet
-
-        depth = spec.removeprefix("cifar_resnet")
-        if not depth.isdigit():
-            raise GCSurgeryError(f"cifar_resnet needs a depth, e.g. cifar_resnet20, got {spec!r}.")
-        return cifar_resnet(int(depth), in_chans=in_chans or 3, **kw)
-    source, _, name = spec.partition(":")
-    if source == "timm" and name:
-        import timm
-
-        if in_chans is not None:
-            kw["in_chans"] = in_chans
-        try:
-            return timm.create_model(name, pretrained=False, **kw)
-        except RuntimeError as e:
-            raise GCSurgeryError(f"timm has no model {name!r} ({e}); list them with timm.list_models().") from e
-    if source == "torchvision" and name:
-        import torchvision
-
-        try:
-            return torchvision.models.get_model(name, weights=None, **kw)
-        except ValueError as e:
-            valid = torchvision.models.list_models(module=torchvision.models)
-            raise GCSurgeryError(f"torchvision has no classification model {name!r}; valid: {valid}.") from e
-    raise GCSurgeryError(
-        f"model spec {spec!r} not understood; use timm:NAME, torchvision:NAME or cifar_resnetDEPTH "
-        "(e.g. timm:resnet50, torchvision:resnet18, cifar_resnet20)."
-    )
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import GCSurgeryError
 
-__all__ = ["cifar_resnet", "CifarResNet", "BasicBlock"]
+__all__ = ["cifar_resnet", "CifarResNet", "BasicBlock", "build_model"]
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
@@ -89,3 +89,38 @@ def cifar_resnet(depth: int = 20, *, num_classes: int = 10, in_chans: int = 3) -
     if not isinstance(in_chans, int) or in_chans < 1:
         raise GCSurgeryError(f"in_chans must be a positive int, got {in_chans!r}.")
     return CifarResNet(depth, num_classes=num_classes, in_chans=in_chans)
+
+
+def build_model(name: str, *, num_classes: int | None = None, in_chans: int = 3) -> nn.Module:
+    """Builds a classifier by name, randomly initialised from the global RNG, never downloading weights.
+
+    Args:
+        name: ``"cifar_resnet<depth>"``, ``"torchvision:<name>"`` or ``"timm:<name>"``.
+        num_classes: classifier outputs; None keeps the model's default.
+        in_chans: input channels (torchvision models take 3 only).
+    """
+    kw = {} if num_classes is None else {"num_classes": num_classes}
+    family, _, arch = name.partition(":")
+    if name.startswith("cifar_resnet") and name.removeprefix("cifar_resnet").isdigit():
+        return cifar_resnet(int(name.removeprefix("cifar_resnet")), in_chans=in_chans, **kw)
+    if family == "timm" and arch:
+        import timm
+
+        try:
+            return timm.create_model(arch, pretrained=False, in_chans=in_chans, **kw)
+        except RuntimeError as e:  # timm: "Unknown model (...)"
+            raise GCSurgeryError(f"timm has no model {arch!r} ({e}); list them with timm.list_models().") from e
+    if family == "torchvision" and arch:
+        import torchvision
+
+        if in_chans != 3:
+            raise GCSurgeryError(f"torchvision models take 3 input channels, the data has {in_chans}; use timm:{arch}")
+        try:
+            return torchvision.models.get_model(arch, weights=None, **kw)
+        except ValueError as e:
+            valid = torchvision.models.list_models(module=torchvision.models)
+            raise GCSurgeryError(f"torchvision has no classification model {arch!r}; valid: {valid}.") from e
+    raise GCSurgeryError(
+        f"unknown model {name!r}; use timm:NAME, torchvision:NAME or cifar_resnetDEPTH "
+        "(e.g. timm:resnet50, torchvision:resnet18, cifar_resnet20)."
+    )

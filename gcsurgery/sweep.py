@@ -65,7 +65,7 @@ def _first(y):
 
 def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     """Plans, gcifies and checks one model; returns a row of the coverage table."""
-    from .cli import build_model
+    from .models import build_model
     from .plans import default_example_inputs, plan
     from .rewrite import gcify
 

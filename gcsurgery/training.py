@@ -27,7 +27,7 @@ from .data import _seed
 from .errors import GCSurgeryError
 from .gcode import ODEOptions
 from .gcw import GCWOptions
-from .models import cifar_resnet
+from .models import build_model
 from .optim import GCOptimizer
 from .plans import plan
 from .rewrite import gcify
@@ -49,7 +49,6 @@ __all__ = [
 
 ARMS = ("baseline", "gcw", "gcode", "gcgd")
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-MODEL_FORMS = "'cifar_resnet20' (20, 32, 44, 56, 110), 'torchvision:resnet18' or 'timm:<name>'"
 
 
 def _check_arm(arm: str) -> None:
@@ -66,36 +65,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def build_model(name: str, *, num_classes: int, in_chans: int = 3) -> nn.Module:
-    """Builds a classifier from its name, randomly initialised from the global RNG.
-
-    Args:
-        name: ``"cifar_resnet<depth>"``, ``"torchvision:<name>"`` or ``"timm:<name>"`` (never pretrained).
-        num_classes: classifier outputs.
-        in_chans: input channels (torchvision models take 3 only).
-    """
-    family, _, arch = name.partition(":")
-    if name.startswith("cifar_resnet") and name[len("cifar_resnet") :].isdigit():
-        return cifar_resnet(int(name[len("cifar_resnet") :]), num_classes=num_classes, in_chans=in_chans)
-    if family == "timm" and arch:
-        import timm
-
-        try:
-            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
-        except RuntimeError as e:  # timm: "Unknown model (...)"
-            raise GCSurgeryError(f"{e}; list the names with timm.list_models()") from e
-    if family == "torchvision" and arch:
-        import torchvision
-
-        if in_chans != 3:
-            raise GCSurgeryError(f"torchvision models take 3 input channels, the data has {in_chans}; use timm:{arch}")
-        try:
-            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        except ValueError as e:
-            raise GCSurgeryError(f"{e}; list the names with torchvision.models.list_models()") from e
-    raise GCSurgeryError(f"unknown model {name!r}; write it as {MODEL_FORMS}")
 
 
 def build_arm(
