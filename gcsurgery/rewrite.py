@@ -72,7 +72,6 @@ class GCGraphModule(fx.GraphModule):
         """Recompiles after editing `graphs` (the active one last, so it is what runs)."""
         for g in self.graphs:
             g.lint()
-        self.graph = self._gc_eval_graph if (self._gc_eval_graph is not None and not self.training) else self.graph
         self.recompile()
 
 

@@ -63,6 +63,19 @@ def _first(y):
     return y.logits if hasattr(y, "logits") else y
 
 
+def _torchvision_example(spec: str) -> torch.Tensor | None:
+    """A torchvision model's own input size, from its weights' metadata (nothing is downloaded)."""
+    if not spec.startswith("torchvision:"):
+        return None
+    import torchvision
+
+    try:
+        size = torchvision.models.get_model_weights(spec.partition(":")[2]).DEFAULT.transforms().crop_size[0]
+    except (ValueError, AttributeError, IndexError):
+        return None
+    return torch.randn(1, 3, size, size)
+
+
 def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     """Plans, gcifies and checks one model; returns a row of the coverage table."""
     from .models import build_model
@@ -74,9 +87,7 @@ def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     try:
         torch.manual_seed(0)
         model = build_model(spec)
-        example = default_example_inputs(model)
-        if spec.startswith("torchvision:") and spec.endswith("inception_v3"):
-            example = torch.randn(1, 3, 299, 299)
+        example = _torchvision_example(spec) or default_example_inputs(model)
         p = plan(model, example)
         row.update(states=len(p.states), pairs=len(p.ode_pairs), gcw=len(p.gcw_sites))
         row["plan_seconds"] = round(time.perf_counter() - t0, 3)

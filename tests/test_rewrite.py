@@ -14,6 +14,14 @@ def _first(y):
     return y[0] if isinstance(y, tuple) else y
 
 
+def train_steps(gm, x, *, lr, steps):
+    opt = torch.optim.SGD(gm.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        gm(x).square().mean().backward()
+        opt.step()
+
+
 def assert_exact(model, gm, x):
     for mode in (False, True):
         model.train(mode)
@@ -68,11 +76,7 @@ def test_state_dict_keys_are_kept_and_new_ones_share_one_prefix(tiny_resnet, x32
 def test_input_model_is_untouched_unless_inplace(tiny_resnet, x32):
     before = copy.deepcopy(tiny_resnet.state_dict())
     gm = gcs.gcify(tiny_resnet, example_inputs=x32)
-    opt = torch.optim.SGD(gm.parameters(), lr=0.5)
-    for _ in range(2):
-        opt.zero_grad()
-        gm(x32).square().mean().backward()
-        opt.step()
+    train_steps(gm, x32, lr=0.5, steps=2)
     assert all(torch.equal(before[k], v) for k, v in tiny_resnet.state_dict().items())
     shared = gcs.gcify(tiny_resnet, example_inputs=x32, inplace=True)
     assert shared.get_parameter("stem.0.weight") is tiny_resnet.stem[0].weight
@@ -80,11 +84,7 @@ def test_input_model_is_untouched_unless_inplace(tiny_resnet, x32):
 
 def test_branches_train_and_then_change_the_function(tiny_resnet, x32):
     gm = gcs.gcify(tiny_resnet, example_inputs=x32)
-    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        gm(x32).square().mean().backward()
-        opt.step()
+    train_steps(gm, x32, lr=0.1, steps=3)
     assert any(p.abs().sum() > 0 for n, p in gm.named_parameters() if n.endswith("gate"))
 
 
