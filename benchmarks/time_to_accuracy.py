@@ -6,7 +6,11 @@
 
 Arms: ``baseline`` (SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, per-step cosine decay to 0), ``gcw``,
 ``gcode``, ``gcgd`` (as in `gcsurgery.training`) and ``lookahead`` (timm's Lookahead over the same SGD,
-k=5, alpha=0.5, slow weights synced before each evaluation as timm's training script does). Every arm
+k=5, alpha=0.5, slow weights synced before each evaluation as timm's training script does). A *variant*
+of gcw, gcode or gcgd changes their options: ``ARM:KEY=VALUE,...`` with keys ``ode.<field>`` (an
+`ODEOptions` field), ``gcw.<field>`` (a `GCWOptions` field) and ``sites=plan|convs`` (GC-W on the plan's
+sites, or on every convolution's weight), e.g. ``gcgd:ode.gate_init=0.1,gcw.horizons=(5,50)``. Added to an
+``OUT`` with ``--resume``, variants are paired with the baseline runs already there. Every arm
 of a seed starts from the same weights and sees the same batches in the same order with the same
 augmentation (random 4-pixel crops and flips of the images padded to 32x32).
 
@@ -27,8 +31,11 @@ over the (seed, epoch) pairs).
 """
 
 import argparse
+import ast
+import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -55,6 +62,8 @@ from gcsurgery.training import (  # noqa: E402
 )
 
 ARMS = ("baseline", "gcw", "gcode", "gcgd", "lookahead")
+VARIED = ("gcw", "gcode", "gcgd")  # the arms that take option overrides
+SITES = ("plan", "convs")
 LOOKAHEAD = {"k": 5, "alpha": 0.5}
 QUICK = {"epochs": 2, "train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 32, "limit_batches": 3}
 RUN_KEYS = (
@@ -91,21 +100,72 @@ def build_data(cfg: dict) -> tuple[TensorLoader, TensorLoader, TensorLoader, str
     return train, val, test, f"{d.name} from {d.source}: {len(tr)} train / {len(va)} val / {len(te)} test images"
 
 
+@dataclasses.dataclass(frozen=True)
+class ArmSpec:
+    """An arm and its option overrides, parsed from ``ARM[:KEY=VALUE,...]``."""
+
+    spec: str
+    arm: str
+    ode: ODEOptions = ODEOptions()  # noqa: RUF009 (frozen, hence safe)
+    gcw: GCWOptions = GCWOptions()  # noqa: RUF009
+    sites: str = "plan"
+
+    @property
+    def filename(self) -> str:
+        return "".join(c if c.isalnum() or c in "._=-" else "_" for c in self.spec)
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string option such as solver=rk4
+
+
+def parse_arm(spec: str, *, seed: int = 0) -> ArmSpec:
+    """The `ArmSpec` of ``spec`` with the option seeds set to ``seed``; GCSurgeryError on a bad spec."""
+    arm, _, rest = spec.partition(":")
+    if arm not in ARMS:
+        raise GCSurgeryError(f"unknown arm {arm!r} in {spec!r}; choose one of {list(ARMS)}, e.g. gcgd:gcw.lr=0.01")
+    if rest and arm not in VARIED:
+        raise GCSurgeryError(f"{spec!r}: only {list(VARIED)} take options; write {arm!r} alone")
+    over = {"ode": {"seed": seed}, "gcw": {"seed": seed}}
+    sites = "plan"
+    for item in filter(None, re.split(r",(?=[\w.]+=)", rest)):  # a comma inside a value, as in (5,50), stays
+        key, eq, value = item.partition("=")
+        group, dot, field = key.partition(".")
+        fields = {f.name for f in dataclasses.fields(ODEOptions if group == "ode" else GCWOptions)} - {"seed"}
+        if key == "sites" and eq and value in SITES:
+            sites = value
+        elif eq and dot and group in over and field in fields:
+            over[group][field] = _literal(value)
+        else:
+            raise GCSurgeryError(
+                f"{spec!r}: cannot read {item!r}; write KEY=VALUE with KEY sites ({'|'.join(SITES)}), ode.<field> "
+                f"(fields of ODEOptions) or gcw.<field> (fields of GCWOptions), e.g. gcgd:ode.gate_init=0.1"
+            )
+    if sites != "plan" and arm == "gcode":
+        raise GCSurgeryError(f"{spec!r}: sites= sets GC-W sites, which the gcode arm has none of; use gcw or gcgd")
+    return ArmSpec(spec, arm, ODEOptions(**over["ode"]), GCWOptions(**over["gcw"]), sites)
+
+
 class Run:
     """One (arm, seed): the model, its optimizer and schedule, and the history of its epochs."""
 
     def __init__(self, arm: str, seed: int, cfg: dict, *, steps: int, device: torch.device):
         self.arm, self.seed, self.cfg = arm, seed, cfg
+        a = parse_arm(arm, seed=seed)
         torch.manual_seed(seed)  # the same initial weights for every arm
         model = cifar_resnet(20, num_classes=10, in_chans=1)
-        gc_arm = "baseline" if arm == "lookahead" else arm
-        model, self.sites = build_arm(
-            model, gc_arm, example_inputs=torch.zeros(2, 1, 32, 32), ode=ODEOptions(seed=seed)
-        )
+        convs = tuple(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+        gc_arm = "baseline" if a.arm == "lookahead" else a.arm
+        model, self.sites = build_arm(model, gc_arm, example_inputs=torch.zeros(2, 1, 32, 32), ode=a.ode)
+        if self.sites and a.sites == "convs":
+            self.sites = convs  # gcify keeps the original parameter names
         self.model = model.to(device)
         sgd = {"lr": cfg["lr"], "momentum": cfg["momentum"], "weight_decay": cfg["weight_decay"]}
-        self.opt = build_optimizer(self.model, sites=self.sites, gcw=GCWOptions(seed=seed), **sgd)
-        if arm == "lookahead":
+        self.opt = build_optimizer(self.model, sites=self.sites, gcw=a.gcw, **sgd)
+        if a.arm == "lookahead":
             from timm.optim import Lookahead
 
             self.opt = Lookahead(self.opt, **LOOKAHEAD)
@@ -201,7 +261,7 @@ def run_seed(seed: int, *, arms: list[str], cfg: dict, loaders, runs_dir: Path, 
     train.seed = seed  # the loader draws each epoch's order and augmentation from (seed, epoch)
     pending = []
     for arm in arms:
-        done = runs_dir / f"{arm}-seed{seed}.json"
+        done = runs_dir / f"{parse_arm(arm).filename}-seed{seed}.json"
         if done.exists():
             _check_config(json.loads(done.read_text())["config"], cfg, done)
         else:
@@ -210,7 +270,7 @@ def run_seed(seed: int, *, arms: list[str], cfg: dict, loaders, runs_dir: Path, 
     runs = {}
     for arm in pending:
         run = runs[arm] = Run(arm, seed, cfg, steps=steps, device=device)
-        ckpt_path = runs_dir / f"{arm}-seed{seed}.pt"
+        ckpt_path = runs_dir / f"{parse_arm(arm).filename}-seed{seed}.pt"
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
             _check_config(ckpt["config"], cfg, ckpt_path)
@@ -224,15 +284,16 @@ def run_seed(seed: int, *, arms: list[str], cfg: dict, loaders, runs_dir: Path, 
             if len(run.history) != epoch:
                 continue  # this epoch was done before a resume
             row = run.train_epoch(train, val, device)
-            _save(run.state_dict(), runs_dir / f"{arm}-seed{seed}.pt")
+            _save(run.state_dict(), runs_dir / f"{parse_arm(arm).filename}-seed{seed}.pt")
             print(
                 f"seed {seed} epoch {epoch}/{cfg['epochs']} {arm:9}  val acc {100 * row['val_acc']:.2f}%  "
                 f"train {row['train_time']:.1f} s ({1e3 * row['step_time']:.0f} ms/step)",
                 flush=True,
             )
     for arm in pending:
-        _save(runs[arm].summary(test, device), runs_dir / f"{arm}-seed{seed}.json")
-        (runs_dir / f"{arm}-seed{seed}.pt").unlink(missing_ok=True)
+        name = parse_arm(arm).filename
+        _save(runs[arm].summary(test, device), runs_dir / f"{name}-seed{seed}.json")
+        (runs_dir / f"{name}-seed{seed}.pt").unlink(missing_ok=True)
 
 
 # --- Report ------------------------------------------------------------------------------------------------------
@@ -394,7 +455,13 @@ def plot_curves(report: dict, path: Path, *, title: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="baseline is always included")
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS),
+        metavar="ARM[:KEY=VALUE,...]",
+        help=f"of {list(ARMS)}, or a variant such as gcgd:ode.gate_init=0.1 (see above); baseline is always included",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--train-size", type=int, default=None, help="a class-balanced subset of the 54000 training images")
@@ -418,6 +485,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="a tiny smoke test: 2 epochs of 3 batches, 1 seed")
     args = ap.parse_args(argv)
     args.arms = ["baseline", *dict.fromkeys(a for a in args.arms if a != "baseline")]
+    for arm in args.arms:
+        parse_arm(arm)  # a bad spec fails here, before any training
     args.seeds = list(dict.fromkeys(args.seeds))
     if args.quick:
         args.seeds = args.seeds[:1]
@@ -466,8 +535,9 @@ def main(argv=None) -> dict:
     results = {}
     for arm in args.arms:
         for seed in args.seeds:
-            results[(arm, seed)] = r = json.loads((runs_dir / f"{arm}-seed{seed}.json").read_text())
-            _check_config(r["config"], cfg, runs_dir / f"{arm}-seed{seed}.json")
+            path = runs_dir / f"{parse_arm(arm).filename}-seed{seed}.json"
+            results[(arm, seed)] = r = json.loads(path.read_text())
+            _check_config(r["config"], cfg, path)
     report = aggregate(results, arms=args.arms, seeds=args.seeds, levels=sorted({*args.levels, 1.0}))
     header = (
         f"CIFAR ResNet-20 (1 input channel) on {description}; {cfg['epochs']} epochs of batch {cfg['batch_size']}, "

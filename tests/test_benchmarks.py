@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,24 @@ def test_crossing_interpolates_between_epochs(monkeypatch):
     assert crossing(accs, times, 0.5) == (1.0, 10.0)
     assert crossing(accs, times, 0.05) == (0.0, 0.0)
     assert crossing(accs, times, 0.9) == (None, None)
+
+
+def test_arm_variants_parse_into_options_and_bad_specs_say_how_to_write_them(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    tta = load("time_to_accuracy.py")
+    a = tta.parse_arm("gcgd:ode.gate_init=0.1,ode.solver=rk4,gcw.horizons=(5,50),sites=convs", seed=3)
+    assert (a.arm, a.sites, a.ode.gate_init, a.ode.solver, a.ode.seed) == ("gcgd", "convs", 0.1, "rk4", 3)
+    assert (a.gcw.horizons, a.gcw.seed, a.gcw.rho) == ((5, 50), 3, tta.GCWOptions().rho)
+    assert a.filename == "gcgd_ode.gate_init=0.1_ode.solver=rk4_gcw.horizons=_5_50__sites=convs"
+    assert tta.parse_arm("lookahead") == tta.ArmSpec("lookahead", "lookahead")
+    for spec, says in [
+        ("adam", "unknown arm 'adam'"),
+        ("baseline:gcw.lr=0.1", "only ['gcw', 'gcode', 'gcgd'] take options"),
+        ("gcgd:ode.gate=1", "cannot read 'ode.gate=1'"),
+        ("gcgd:gcw.seed=1", "cannot read 'gcw.seed=1'"),  # seeds come from --seeds
+        ("gcw:sites=all", "cannot read 'sites=all'"),
+        ("gcode:sites=convs", "the gcode arm has none"),
+        ("gcw:gcw.rho=-1", "GCWOptions.rho must be a positive finite number, got -1"),
+    ]:
+        with pytest.raises(tta.GCSurgeryError, match=re.escape(says)):
+            tta.parse_arm(spec)
