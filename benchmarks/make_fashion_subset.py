@@ -3,7 +3,7 @@
     python benchmarks/make_fashion_subset.py [--src /usr/share/datasets/fashion-mnist] [--out gcsurgery/assets]
 
 It keeps 600 training and 100 test images of each class (6000 / 1000), chosen by
-``gcsurgery.data.balanced_subset`` with seed 0, unchanged and in their original order, and writes
+``gcsurgery.loader.balanced_subset`` with seed 0, unchanged and in their original order, and writes
 them as gzip IDX files. The same inputs give byte-identical files.
 """
 
@@ -15,10 +15,10 @@ from gcsurgery.data import (
     EMBEDDED_PREFIX,
     FASHION_FILES,
     _find_fashion_files,
-    balanced_subset,
     read_idx,
     write_idx,
 )
+from gcsurgery.loader import balanced_subset
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, SEED = 600, 100, 0
 

@@ -46,10 +46,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import gcsurgery  # noqa: E402
-from gcsurgery.data import TensorLoader, balanced_subset, load_fashion_mnist, split_train_val  # noqa: E402
+from gcsurgery.data import load_fashion_mnist  # noqa: E402
 from gcsurgery.errors import GCSurgeryError  # noqa: E402
 from gcsurgery.gcode import ODEOptions  # noqa: E402
 from gcsurgery.gcw import GCWOptions  # noqa: E402
+from gcsurgery.loader import TensorLoader, balanced_subset, split_train_val  # noqa: E402
 from gcsurgery.models import cifar_resnet  # noqa: E402
 from gcsurgery.training import (  # noqa: E402
     build_arm,

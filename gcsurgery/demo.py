@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .data import TensorLoader, load_fashion_mnist, split_train_val
+from .data import load_fashion_mnist
 from .errors import GCSurgeryError
+from .loader import TensorLoader, split_train_val
 from .models import cifar_resnet
 from .training import build_arm, build_optimizer, cosine_schedule, evaluate, plot_val_acc, seed_epoch, train_one_epoch
 

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import _seed
 from .errors import GCSurgeryError
 from .gcode import ODEOptions
 from .gcw import GCWOptions
+from .loader import _seed
 from .models import build_model
 from .optim import GCOptimizer
 from .plans import plan

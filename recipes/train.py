@@ -30,10 +30,11 @@ import torch.distributed as dist
 
 from gcsurgery import __version__, checkpoint, is_gcified, restore
 from gcsurgery.checkpoint import KEY as GC_CHECKPOINT_KEY
-from gcsurgery.data import TensorLoader, imagenet_folders, load_cifar10, load_fashion_mnist, split_train_val
+from gcsurgery.data import imagenet_folders, load_cifar10, load_fashion_mnist
 from gcsurgery.errors import GCSurgeryError
 from gcsurgery.gcode import ODEOptions
 from gcsurgery.gcw import GCWOptions
+from gcsurgery.loader import TensorLoader, split_train_val
 from gcsurgery.training import (
     ARMS,
     OPTIMIZERS,
