@@ -8,11 +8,12 @@ continues bit for bit where it stopped.
 
 import warnings
 
+import torch
 from torch import nn
 
 from .errors import GCSurgeryError
 from .gcode import ODEOptions
-from .plans import Plan
+from .plans import Plan, fingerprint
 from .rewrite import GCGraphModule, gcify, is_gcified
 
 __all__ = ["checkpoint", "restore"]
@@ -28,10 +29,23 @@ def checkpoint(gc_model: nn.Module, optimizer=None, **extra) -> dict:
         optimizer: its optimizer (a `GCOptimizer` or any torch optimizer), saved with `state_dict()`.
         **extra: anything else to keep (epoch, scheduler state, ...), stored at the top level.
     """
+    inner = getattr(gc_model, "module", getattr(gc_model, "_orig_mod", None))
+    if inner is not None and is_gcified(inner):
+        attr = "_orig_mod" if hasattr(gc_model, "_orig_mod") else "module"
+        raise GCSurgeryError(
+            f"checkpoint() got the gcified model wrapped in {type(gc_model).__name__}, whose state-dict keys carry a "
+            f"'{attr}.' prefix that restore() cannot load; pass the module inside: checkpoint(model.{attr}, opt)."
+        )
     if not is_gcified(gc_model):
         raise GCSurgeryError(
             f"checkpoint() needs a module returned by gcsurgery.gcify, got {type(gc_model).__name__}; "
             "for a plain model, torch.save(model.state_dict()) is all there is."
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise GCSurgeryError(
+            f"optimizer must be a torch.optim.Optimizer (e.g. the GCOptimizer) or None, got "
+            f"{type(optimizer).__name__}; save other state (a scheduler, a scaler) as keyword arguments, e.g. "
+            "checkpoint(m, opt, sched=s.state_dict())."
         )
     reserved = {KEY, "model", "optimizer"} & set(extra)
     if reserved:
@@ -64,10 +78,33 @@ def restore(model: nn.Module, ckpt: dict, *, inplace: bool = False) -> GCGraphMo
             "not a gcsurgery checkpoint (no 'gcsurgery' entry); make one with gcsurgery.checkpoint(gc_model, opt)."
         )
     meta = ckpt[KEY]
+    if not isinstance(meta, dict) or not {"plan", "ode"} <= set(meta) or "model" not in ckpt:
+        raise GCSurgeryError(
+            "malformed gcsurgery checkpoint: it needs ckpt['gcsurgery'] with 'plan' and 'ode', and ckpt['model']; "
+            "write checkpoints with gcsurgery.checkpoint(gc_model, opt) and pass what torch.load returns."
+        )
+    plan = Plan.from_dict(meta["plan"])
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) or hasattr(model, "_orig_mod")
+    plain = isinstance(model, nn.Module) and not wrapped and not is_gcified(model)  # gcify explains the others
+    fp = fingerprint(model) if plain else ""
+    if plan.fingerprint and fp and fp != plan.fingerprint:
+        raise GCSurgeryError(
+            f"this checkpoint was saved from a gcified {plan.model} [fingerprint {plan.fingerprint}], but the model "
+            f"given is a {type(model).__name__} [fingerprint {fp}] (parameter names or shapes differ); pass a plain "
+            "model built exactly as the one that was trained (same constructor and arguments), before gcify."
+        )
     if meta.get("version") != __version__:
         warnings.warn(
             f"checkpoint written by gcsurgery {meta.get('version')}, restoring with {__version__}", stacklevel=2
         )
-    gm = gcify(model, Plan.from_dict(meta["plan"]), ode=ODEOptions.from_dict(meta["ode"]), inplace=inplace)
-    gm.load_state_dict(ckpt["model"])
+    gm = gcify(model, plan, ode=ODEOptions.from_dict(meta["ode"]), inplace=inplace)
+    want, got = gm.state_dict(), ckpt["model"]
+    missing, unexpected = [k for k in want if k not in got], [k for k in got if k not in want]
+    if missing or unexpected:
+        raise GCSurgeryError(
+            f"the checkpoint's weights do not fit the model rebuilt from its plan: {len(missing)} missing (e.g. "
+            f"{missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}); its 'model' entry was replaced "
+            "or edited. Save with gcsurgery.checkpoint(gc_model, opt), which stores the gcified model's state dict."
+        )
+    gm.load_state_dict(got)
     return gm

@@ -48,6 +48,10 @@ def _fail(name, value, valid: str):
     raise GCSurgeryError(f"ODEOptions.{name} must be {valid}, got {value!r}.")
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -102,10 +106,7 @@ class ODEOptions:
     seed: int | None = 0
 
     def __post_init__(self):
-        def positive_int(v):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-        if self.width is not None and not positive_int(self.width):
+        if self.width is not None and not _positive_int(self.width):
             _fail("width", self.width, "None or a positive int (channels of the ODE state)")
         choices_of = {"solver": SOLVERS, "phi": PHIS, "norm": NORMS, "act": tuple(ACTS), "time": TIMES}
         for name, choices in (*choices_of.items(), ("reduce", REDUCES), ("recompute", RECOMPUTES)):
@@ -122,7 +123,7 @@ class ODEOptions:
             _fail("adjoint", self.adjoint, "True or False")
         if not _is_real(self.gate_init):
             _fail("gate_init", self.gate_init, "a finite number (0 keeps the model's function at insertion)")
-        if self.ode_stride is not None and not positive_int(self.ode_stride):
+        if self.ode_stride is not None and not _positive_int(self.ode_stride):
             _fail("ode_stride", self.ode_stride, "None or a positive int (1 runs the ODE at the destination's size)")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
             _fail("seed", self.seed, "None or an int")
@@ -141,6 +142,8 @@ class ODEOptions:
     def from_dict(cls, d) -> "ODEOptions":
         """Inverse of `to_dict`; unknown keys are an error."""
         names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise GCSurgeryError(f"ODEOptions.from_dict needs a dict like ODEOptions().to_dict(), got {d!r}.")
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise GCSurgeryError(f"unknown ODEOptions keys {unknown}; valid keys are {names}.")
@@ -285,10 +288,10 @@ class GCODE(nn.Module):
     ):
         super().__init__()
         for name, v in (("in_chs", in_chs), ("out_chs", out_chs)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _positive_int(v):
                 raise GCSurgeryError(f"GCODE {name} must be a positive int, got {v!r}.")
         for name, v in (("in_size", in_size), ("out_size", out_size)):
-            if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(s, int) and s >= 1 for s in v)):
+            if not (isinstance(v, tuple | list) and len(v) == 2 and all(_positive_int(s) for s in v)):
                 raise GCSurgeryError(f"GCODE {name} must be (H, W), two positive ints, got {v!r}.")
         for name, v in (("in_layout", in_layout), ("out_layout", out_layout)):
             if v not in LAYOUTS:
@@ -360,8 +363,26 @@ class GCODE(nn.Module):
             return F.linear(z.permute(0, 2, 3, 1), w, b)  # (B, h, w, Cb)
         return torch.baddbmm(b[:, None], w.expand(len(z), -1, -1), z.flatten(2)).unflatten(2, ode_hw)
 
+    def _check_input(self, name: str, t, chs: int, layout: str, size: tuple[int, int]) -> None:
+        if layout == "NLC":
+            want = f"(B, {size[0] * size[1]}, {chs})"
+            ok = t.dim() == 3 and t.shape[1] == size[0] * size[1] and t.shape[2] == chs
+        else:
+            want = f"(B, {chs}, H, W)" if layout == "NCHW" else f"(B, H, W, {chs})"
+            ok = t.dim() == 4 and t.shape[1 if layout == "NCHW" else 3] == chs
+        if not ok:
+            raise GCSurgeryError(
+                f"this GC-ODE branch takes {name} of shape {want} ({layout}), got {tuple(t.shape)}. If gcify built "
+                "it, the plan does not match the model (rebuild it with gcsurgery.plan(model)), or a token (NLC) "
+                "model runs at another input size than the plan's (build the plan at the size you run)."
+            )
+
     def forward(self, src, dst):
         """Returns dst + γ ⊙ E(z1), with dst's shape, layout and dtype."""
+        self._check_input("src", src, self.in_chs, self.in_layout, self.in_size)
+        self._check_input("dst", dst, self.out_chs, self.out_layout, self.out_size)
+        if src.shape[0] != dst.shape[0]:
+            raise GCSurgeryError(f"GC-ODE src and dst batch sizes differ: {src.shape[0]} and {dst.shape[0]}.")
         lay = self.out_layout
         out_hw = tuple(self.out_size if lay == "NLC" else dst.shape[1:3] if lay == "NHWC" else dst.shape[2:])
         ode_hw = (-(-out_hw[0] // self.ode_stride), -(-out_hw[1] // self.ode_stride))

@@ -143,6 +143,8 @@ class GCWOptions:
     @classmethod
     def from_dict(cls, d: dict) -> "GCWOptions":
         valid = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise GCSurgeryError(f"GCWOptions.from_dict needs a dict like GCWOptions().to_dict(), got {d!r}.")
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise GCSurgeryError(f"unknown GCWOptions field(s) {unknown}; valid fields are {valid}.")
@@ -161,6 +163,9 @@ class Corrector(nn.Module):
 
     def __init__(self, n_features: int, n_dirs: int, *, d_model: int, hidden: int):
         super().__init__()
+        for name, v in (("n_features", n_features), ("n_dirs", n_dirs), ("d_model", d_model), ("hidden", hidden)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise GCSurgeryError(f"Corrector {name} must be a positive int, got {v!r}.")
         self.qkv = nn.Linear(n_features, 3 * d_model)
         self.mlp = nn.Linear(n_features + d_model, hidden)
         self.out = nn.Linear(hidden, n_dirs)
@@ -168,6 +173,11 @@ class Corrector(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:  # (C, F) -> (C, D)
+        if x.dim() != 2 or x.shape[1] != self.qkv.in_features:
+            raise GCSurgeryError(
+                f"Corrector takes (rows, {self.qkv.in_features}) features, got shape {tuple(x.shape)}; "
+                "build it with n_features=x.shape[1]."
+            )
         q, k, v = self.qkv(x).unsqueeze(0).chunk(3, dim=-1)  # 3 × (1, C, d)
         a = F.scaled_dot_product_attention(q, k, v)[0]  # softmax(QKᵀ/√d)V: (C, d)
         return self.out(F.gelu(self.mlp(torch.cat([x, a], dim=-1))))

@@ -37,9 +37,9 @@ _BUFFERS = ("V", "e", "feats", "gram", "c", "f", "raw_norm", "valid", "trust", "
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / torch.compile wrappers (parameter names are relative to it)."""
+    """The user's module inside DDP / DataParallel / torch.compile wrappers (parameter names are relative to it)."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
@@ -56,12 +56,29 @@ def _site_names(net: nn.Module, sites) -> list[str]:
                 "sites=[parameter names, e.g. 'layer1.2.conv2.weight'] or gcify the model first."
             )
         sites = plan.gcw_sites
+        if not sites:
+            raise GCSurgeryError(
+                f"the plan of this {type(net).__name__} has no GC-W sites (none was found, or Plan.without removed "
+                "them), so GCOptimizer would only run the base optimizer; use the base optimizer itself, or pass "
+                "sites=."
+            )
     if isinstance(sites, str):
         sites = [sites]
+    if isinstance(sites, torch.Tensor) or not hasattr(sites, "__iter__"):
+        raise GCSurgeryError(
+            f"sites must be a list of parameter names, got {type(sites).__name__}; "
+            "pass e.g. sites=['layer4.1.conv2.weight']."
+        )
     params = dict(net.named_parameters())
+    by_id = {id(p): n for n, p in params.items()}
     names = []
     for site in sites:
         name = getattr(site, "param", site)
+        if isinstance(name, torch.Tensor):
+            hint = f"its name is {by_id[id(name)]!r}" if id(name) in by_id else "it is not a parameter of the model"
+            raise GCSurgeryError(
+                f"a GC-W site must be a parameter name (str), got a tensor of shape {tuple(name.shape)}; {hint}."
+            )
         if not isinstance(name, str):
             raise GCSurgeryError(f"a GC-W site must be a parameter name (str), got {site!r}.")
         if name not in params and f"{name}.weight" in params:
@@ -81,6 +98,11 @@ def _site_names(net: nn.Module, sites) -> list[str]:
         if name in names:
             raise GCSurgeryError(f"GC-W site {name!r} is listed twice; list each site once.")
         names.append(name)
+    if not names:
+        raise GCSurgeryError(
+            "sites is empty, so GCOptimizer would only run the base optimizer; use the base optimizer itself, or "
+            "name the weights to correct, e.g. sites=['layer4.1.conv2.weight']."
+        )
     return names
 
 
@@ -95,7 +117,13 @@ def _build_base(model: nn.Module, base, base_kwargs: dict) -> torch.optim.Optimi
             )
         return base
     if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
-        return base(model.parameters(), **base_kwargs)
+        try:
+            return base(model.parameters(), **base_kwargs)
+        except (TypeError, ValueError) as e:
+            raise GCSurgeryError(
+                f"{base.__name__}(model.parameters(), **{base_kwargs}) failed: {e}; see "
+                f"help({base.__module__}.{base.__name__}) for its options."
+            ) from e
     raise GCSurgeryError(
         f"base must be a torch.optim.Optimizer class (e.g. torch.optim.SGD) or an optimizer instance "
         f"(e.g. from timm.optim.create_optimizer_v2), got {base!r}."
@@ -156,9 +184,11 @@ class GCOptimizer(torch.optim.Optimizer):
     """Wraps an optimizer and corrects the gradients of the GC-W sites (`docs/gcw.md`).
 
     Args:
-        model: the model (gcified, or plain with explicit ``sites``); DDP and compiled wrappers are fine.
+        model: the model (gcified, or plain with explicit ``sites``); DDP, DataParallel and compiled wrappers
+            are fine.
         base: a ``torch.optim.Optimizer`` class, built over ``model.parameters()`` with ``base_kwargs``,
-            or an optimizer already built over all of the model's trainable parameters.
+            or an optimizer already built over all of the model's trainable parameters (it may hold others
+            too, e.g. a head outside a gcified backbone passed as ``model``).
         sites: parameter names to correct (e.g. ``"layer3.2.conv2.weight"``) or objects with ``.param``;
             default: the model's ``gc_plan.gcw_sites``.
         gcw: the corrector's options.
@@ -343,6 +373,10 @@ class GCOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a GCOptimizer state dict (exact resume), or a plain base optimizer's state dict (then the
         GC-W state is left as it is: fresh for a new optimizer)."""
+        if not isinstance(state_dict, dict):
+            raise GCSurgeryError(
+                f"load_state_dict expects the dict from optimizer.state_dict(), got {type(state_dict).__name__}."
+            )
         state_dict = dict(state_dict)
         gc = state_dict.pop("gcw", None)
         if gc is not None:
@@ -356,7 +390,13 @@ class GCOptimizer(torch.optim.Optimizer):
                     f"the checkpoint has GC-W sites {list(gc['sites'])}, this optimizer {list(self.sites)}; "
                     "build it with the same sites."
                 )
-        self.base.load_state_dict(state_dict)
+        try:
+            self.base.load_state_dict(state_dict)
+        except (KeyError, ValueError) as e:
+            raise GCSurgeryError(
+                f"this optimizer state does not fit the {type(self.base).__name__} over this model ({e}); it was "
+                "saved for another model or other parameter groups: build the optimizer as it was when saved."
+            ) from e
         self.param_groups, self.state = self.base.param_groups, self.base.state
         if gc is None:
             return

@@ -17,7 +17,7 @@ from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
 from .plans import Plan, fingerprint
 from .plans import plan as make_plan
-from .trace import preserve_modes, trace
+from .trace import check_bare, check_leaf_modules, preserve_modes, trace
 
 __all__ = ["GCGraphModule", "gcify", "strip", "is_gcified"]
 
@@ -87,11 +87,24 @@ def is_gcified(model: nn.Module) -> bool:
     return isinstance(getattr(model, "gc_plan", None), Plan)
 
 
-def _check_plan(model: nn.Module, plan: Plan, graphs) -> None:
+def _check_plan_type(plan) -> None:
+    if isinstance(plan, dict | str):
+        raise GCSurgeryError(
+            f"plan must be a gcsurgery.Plan, got a {type(plan).__name__}; read saved plans with "
+            "gcsurgery.Plan.from_dict(d) or gcsurgery.Plan.from_json(text)."
+        )
     if not isinstance(plan, Plan):
         raise GCSurgeryError(
-            f"plan must be a gcsurgery.Plan, got {type(plan).__name__}; build one with gcsurgery.plan()."
+            f"plan must be a gcsurgery.Plan, got {type(plan).__name__}; build one with gcsurgery.plan(model)."
         )
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise GCSurgeryError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_plan(model: nn.Module, plan: Plan, graphs) -> None:
     fp = fingerprint(model)
     if plan.fingerprint and plan.fingerprint != fp:
         raise GCSurgeryError(
@@ -164,12 +177,24 @@ def gcify(
         raise GCSurgeryError(
             "this model is already gcified; use it as it is, or gcsurgery.strip(model, keep_ode=False) first."
         )
+    check_bare(model)
     if not isinstance(ode, ODEOptions):
         raise GCSurgeryError(f"ode must be a gcsurgery.ODEOptions, got {type(ode).__name__}.")
+    _check_flag("inplace", inplace)
+    holder = getattr(model, "gc", None)
+    if isinstance(holder, nn.Module):
+        raise GCSurgeryError(
+            f"{type(model).__name__} already has a submodule 'gc' ({type(holder).__name__}), where gcify puts its "
+            "branches (a model stripped with keep_ode=True has its old ones there); gcify the model from before, "
+            "strip it with keep_ode=False, or rename that submodule."
+        )
     if plan is None:
         plan = make_plan(model, example_inputs, leaf_modules=leaf_modules)
     elif example_inputs is not None:
         raise GCSurgeryError("pass either plan= or example_inputs= (which builds a plan), not both.")
+    else:
+        _check_plan_type(plan)
+        check_leaf_modules(leaf_modules)
     source = model if inplace else copy.deepcopy(model)
     leaves = tuple(leaf_modules) + tuple(leaf.module for leaf in plan.leaves)
     with preserve_modes(source):
@@ -221,8 +246,14 @@ def strip(gc_model: nn.Module, *, keep_ode: bool = True) -> fx.GraphModule:
     Returns:
         A new GraphModule without `.gc_plan` (GCOptimizer then finds no GC-W sites by itself).
     """
+    inner = getattr(gc_model, "module", None)
+    if isinstance(gc_model, nn.parallel.DistributedDataParallel | nn.DataParallel) and is_gcified(inner):
+        raise GCSurgeryError(
+            f"got the gcified model wrapped in {type(gc_model).__name__}; strip the module inside: strip(model.module)."
+        )
     if not is_gcified(gc_model):
         raise GCSurgeryError(f"expected a module returned by gcsurgery.gcify, got {type(gc_model).__name__}.")
+    _check_flag("keep_ode", keep_ode)
     out = copy.deepcopy(gc_model)
     preserved = out.meta.get(_USER_PRESERVED_ATTRIBUTES_KEY, {})
     for name in ("gc_plan", "gc_ode", "gc_version"):

@@ -2,7 +2,7 @@ import io
 
 import pytest
 import torch
-from conftest import TinyResNet
+from conftest import TinyResNet, TinyVGG
 
 import gcsurgery as gcs
 from gcsurgery.checkpoint import checkpoint, restore
@@ -59,3 +59,43 @@ def test_checkpoint_errors(tiny_resnet):
     gm = gcs.gcify(tiny_resnet, example_inputs=(2, 3, 32, 32))
     with pytest.raises(gcs.GCSurgeryError, match="reserved"):
         checkpoint(gm, model=1)
+    with pytest.raises(gcs.GCSurgeryError, match=r"optimizer must be a torch.optim.Optimizer .* got dict"):
+        checkpoint(gm, {"lr": 0.1})
+    for wrapped, attr in ((torch.nn.DataParallel(gm), "module"), (torch.compile(gm, backend="eager"), "_orig_mod")):
+        with pytest.raises(gcs.GCSurgeryError, match=rf"wrapped in {type(wrapped).__name__}.*checkpoint\(model.{attr}"):
+            checkpoint(wrapped)
+
+
+@pytest.fixture
+def saved():
+    torch.manual_seed(0)
+    gm = gcs.gcify(TinyResNet(), example_inputs=(2, 3, 32, 32))
+    return checkpoint(gm, _sgd(gm))
+
+
+def test_restore_into_another_model_is_refused(saved):
+    with pytest.raises(
+        gcs.GCSurgeryError, match=r"saved from a gcified TinyResNet .* but the model given is a TinyVGG"
+    ):
+        restore(TinyVGG(), saved)
+    with pytest.raises(gcs.GCSurgeryError, match=r"a TinyResNet \[fingerprint \w+\] .*same constructor and arguments"):
+        restore(TinyResNet(widths=(8, 16, 64)), saved)
+    with pytest.raises(gcs.GCSurgeryError, match="already gcified"):
+        restore(gcs.gcify(TinyResNet(), example_inputs=(2, 3, 32, 32)), saved)
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda c: c.update(gcsurgery="0.1.0"), r"malformed gcsurgery checkpoint"),
+        (lambda c: c["gcsurgery"].pop("plan"), r"malformed gcsurgery checkpoint: it needs .*'plan' and 'ode'"),
+        (lambda c: c.pop("model"), r"malformed gcsurgery checkpoint: .*ckpt\['model'\]"),
+        (lambda c: c.update(model=TinyResNet().state_dict()), r"\d+ missing \(e.g. \['gc.ode.0.gate'"),
+        (lambda c: c["model"].update(extra=torch.zeros(1)), r"0 missing .*1 unexpected \(e.g. \['extra'\]\)"),
+    ],
+)
+def test_restore_refuses_a_damaged_checkpoint(saved, edit, pattern):
+    ckpt = {**saved, "gcsurgery": dict(saved["gcsurgery"]), "model": dict(saved["model"])}
+    edit(ckpt)
+    with pytest.raises(gcs.GCSurgeryError, match=pattern):
+        restore(TinyResNet(), ckpt)

@@ -198,6 +198,8 @@ def test_options_are_keyword_only_and_round_trip():
     assert ODEOptions.from_dict(json.loads(json.dumps(opts.to_dict()))) == opts
     with pytest.raises(GCSurgeryError, match="unknown ODEOptions keys.*'depth'"):
         ODEOptions.from_dict({"depth": 3})
+    with pytest.raises(GCSurgeryError, match=r"from_dict needs a dict like ODEOptions\(\).to_dict\(\), got 'width'"):
+        ODEOptions.from_dict("width")
 
 
 @pytest.mark.parametrize(
@@ -205,6 +207,7 @@ def test_options_are_keyword_only_and_round_trip():
     [
         ({"in_chs": 0}, "in_chs must be a positive int, got 0"),
         ({"out_size": (0, 4)}, r"out_size must be \(H, W\).*\(0, 4\)"),
+        ({"in_size": (True, 4)}, r"in_size must be \(H, W\).*\(True, 4\)"),
         ({"in_layout": "NWHC"}, r"in_layout must be one of \('NCHW', 'NHWC', 'NLC'\), got 'NWHC'"),
         ({"options": {"width": 8}}, "options must be an ODEOptions, got dict"),
     ],
@@ -213,6 +216,23 @@ def test_branch_arguments_are_validated(kwargs, match):
     args = {"in_chs": 4, "out_chs": 8, "in_size": (4, 4), "out_size": (2, 2), **kwargs}
     with pytest.raises(GCSurgeryError, match=match):
         GCODE(args.pop("in_chs"), args.pop("out_chs"), args.pop("in_size"), args.pop("out_size"), **args)
+
+
+@pytest.mark.parametrize(
+    "layout, src, dst, match",
+    [
+        ("NCHW", (2, 3, 8, 8), (2, 8, 4, 4), r"takes src of shape \(B, 4, H, W\) \(NCHW\), got \(2, 3, 8, 8\)"),
+        ("NCHW", (2, 4, 8, 8), (2, 6, 4, 4), r"takes dst of shape \(B, 8, H, W\) \(NCHW\), got \(2, 6, 4, 4\)"),
+        ("NCHW", (4, 8, 8), (2, 8, 4, 4), r"src of shape \(B, 4, H, W\).*got \(4, 8, 8\).*gcsurgery.plan"),
+        ("NHWC", (2, 4, 8, 8), (2, 4, 4, 8), r"src of shape \(B, H, W, 4\) \(NHWC\), got \(2, 4, 8, 8\)"),
+        ("NLC", (2, 100, 4), (2, 25, 8), r"src of shape \(B, 64, 4\) \(NLC\), got \(2, 100, 4\).*another input size"),
+        ("NCHW", (3, 4, 8, 8), (2, 8, 4, 4), r"src and dst batch sizes differ: 3 and 2"),
+    ],
+)
+def test_branch_inputs_of_the_wrong_shape_are_refused(layout, src, dst, match):
+    branch = GCODE(4, 8, (8, 8), (4, 4), in_layout=layout, out_layout=layout)
+    with pytest.raises(GCSurgeryError, match=match):
+        branch(torch.randn(*src), torch.randn(*dst))
 
 
 def test_defaults_and_ode_stride():

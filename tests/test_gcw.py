@@ -74,6 +74,33 @@ def test_options_validation(kwargs, words):
 def test_options_from_dict_rejects_unknown_fields():
     with pytest.raises(GCSurgeryError, match=r"unknown GCWOptions field\(s\) \['roh'\].*valid fields.*'rho'"):
         GCWOptions.from_dict({"roh": 1.0})
+    with pytest.raises(GCSurgeryError, match=r"needs a dict like GCWOptions\(\).to_dict\(\), got None"):
+        GCWOptions.from_dict(None)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0, 4), "n_features must be a positive int, got 0"),
+        (("8", 4), "n_features must be a positive int, got '8'"),
+        ((8, -1), "n_dirs must be a positive int, got -1"),
+        ((8, 4, 16, True), "hidden must be a positive int, got True"),
+    ],
+)
+def test_corrector_arguments_are_validated(args, match):
+    n_features, n_dirs, *rest = args
+    d_model, hidden = rest or (16, 32)
+    with pytest.raises(GCSurgeryError, match=match):
+        Corrector(n_features, n_dirs, d_model=d_model, hidden=hidden)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (7,), (1, 5, 8)])
+def test_corrector_refuses_features_of_the_wrong_shape(shape):
+    corrector = Corrector(8, 4, d_model=16, hidden=32)
+    assert corrector(torch.randn(5, 8)).shape == (5, 4)
+    with pytest.raises(GCSurgeryError, match=r"takes \(rows, 8\) features, got shape") as e:
+        corrector(torch.randn(*shape))
+    assert str(tuple(shape)) in str(e.value)
 
 
 # --- correction math -------------------------------------------------------------------------------

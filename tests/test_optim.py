@@ -341,6 +341,10 @@ def test_parameters_missing_from_the_base_optimizer_are_refused():
         ({"sites": ["fc.weight", "fc.weight"]}, r"listed twice"),
         ({"sites": [3]}, r"must be a parameter name"),
         ({"gcw": {"rho": 1.0}}, r"gcw must be a GCWOptions"),
+        ({"sites": 3}, r"sites must be a list of parameter names, got int"),
+        ({"sites": []}, r"sites is empty.*use the base optimizer itself"),
+        ({"lrr": 0.1}, r"SGD\(model.parameters\(\), \*\*\{'lr': 0.1, 'lrr': 0.1\}\) failed.*'lrr'.*help\("),
+        ({"momentum": -1.0}, r"SGD\(model.parameters\(\).*failed: Invalid momentum value: -1.0"),
     ],
 )
 def test_bad_input_errors(kwargs, pattern):
@@ -348,6 +352,40 @@ def test_bad_input_errors(kwargs, pattern):
     base = kwargs.pop("base")
     with pytest.raises(GCSurgeryError, match=pattern):
         GCOptimizer(tiny_cnn(), base, lr=0.1, **kwargs)
+
+
+def test_a_parameter_instead_of_its_name_is_refused_with_the_name():
+    model = tiny_cnn()
+    with pytest.raises(GCSurgeryError, match=r"got a tensor of shape \(4, 8\); its name is 'fc.weight'"):
+        GCOptimizer(model, torch.optim.SGD, sites=[model.fc.weight], lr=0.1)
+    with pytest.raises(GCSurgeryError, match=r"shape \(3, 3\); it is not a parameter of the model"):
+        GCOptimizer(model, torch.optim.SGD, sites=[nn.Parameter(torch.ones(3, 3))], lr=0.1)
+
+
+def test_a_plan_without_gcw_sites_is_refused():
+    from gcsurgery import gcify
+
+    gm = gcify(cifar_resnet(20), example_inputs=(1, 3, 16, 16))
+    no_gcw = gcify(cifar_resnet(20), gm.gc_plan.without(gcw=range(3)))
+    with pytest.raises(GCSurgeryError, match=r"plan of this GCCifarResNet has no GC-W sites.*base optimizer itself"):
+        GCOptimizer(no_gcw, torch.optim.SGD, lr=0.1)
+
+
+def test_wrapped_models_give_the_same_sites():
+    from gcsurgery import gcify
+
+    gm = gcify(cifar_resnet(20), example_inputs=(1, 3, 16, 16))
+    for wrapped in (nn.DataParallel(gm), torch.compile(gm, backend="eager")):
+        assert GCOptimizer(wrapped, torch.optim.SGD, lr=0.1).sites == tuple(RESNET_SITES)
+
+
+def test_loading_a_state_that_does_not_fit_is_refused():
+    opt = GCOptimizer(tiny_cnn(), torch.optim.SGD, sites=SITES, lr=0.1)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(GCSurgeryError, match=r"does not fit the SGD over this model.*build the optimizer as it was"):
+        opt.load_state_dict(other.state_dict())
+    with pytest.raises(GCSurgeryError, match=r"expects the dict from optimizer.state_dict\(\), got str"):
+        opt.load_state_dict("opt.pt")
 
 
 def test_instance_with_options_and_double_wrapping_are_refused():

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -144,6 +145,83 @@ def test_plan_for_another_model_is_refused(tiny_resnet, x32):
         gcs.gcify(tiny_resnet, q.without(pairs=range(3), gcw=range(3)))
     with pytest.raises(GCSurgeryError, match="ODEOptions"):
         gcs.gcify(tiny_resnet, example_inputs=x32, ode={"width": 8})
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group, which DDP needs to wrap a model."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+WRAPPERS = {
+    "ddp": (
+        torch.nn.parallel.DistributedDataParallel,
+        r"wrapped in DistributedDataParallel; gcify the inner model \(model.module\) before",
+    ),
+    "data_parallel": (torch.nn.DataParallel, r"wrapped in DataParallel; gcify the inner model \(model.module\)"),
+    "compiled": (lambda m: torch.compile(m, backend="eager"), r"torch.compile'd model; gcify the original model"),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+@pytest.mark.parametrize("with_plan", [False, True])
+def test_wrapped_models_are_refused_with_the_order_to_follow(wrapper, with_plan, tiny_resnet, x32, process_group):
+    wrap, pattern = WRAPPERS[wrapper]
+    kwargs = {"plan": gcs.plan(tiny_resnet, x32)} if with_plan else {"example_inputs": x32}
+    with pytest.raises(GCSurgeryError, match=pattern):
+        gcs.gcify(wrap(tiny_resnet), **kwargs)
+    with pytest.raises(GCSurgeryError, match=pattern):
+        gcs.plan(wrap(tiny_resnet), x32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"plan": "plan.json"}, r"plan must be a gcsurgery.Plan, got a str; read saved plans with .*Plan.from_json"),
+        ({"plan": {"model": "TinyResNet"}}, r"plan must be a gcsurgery.Plan, got a dict; .*Plan.from_dict"),
+        ({"plan": [1, 2]}, r"plan must be a gcsurgery.Plan, got list; build one with gcsurgery.plan\(model\)"),
+        ({"example_inputs": "x"}, r"example_inputs must be a tensor .* got str"),
+        ({"example_inputs": (2, 3, 32, 32), "inplace": 1}, r"inplace must be True or False, got 1"),
+        ({"example_inputs": (2, 3, 32, 32), "leaf_modules": "stem"}, r"leaf_modules must be a list .*\['stem'\]"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, pattern, tiny_resnet):
+    with pytest.raises(GCSurgeryError, match=pattern):
+        gcs.gcify(tiny_resnet, **kwargs)
+
+
+def test_leaf_modules_as_a_lone_name_is_refused_with_a_plan_too(tiny_resnet, x32):
+    p = gcs.plan(tiny_resnet, x32, leaf_modules=["stem"])
+    with pytest.raises(
+        GCSurgeryError, match=r"leaf_modules must be a list .*got 'stem'; pass e.g. leaf_modules=\['stem'\]"
+    ):
+        gcs.gcify(tiny_resnet, p, leaf_modules="stem")
+
+
+def test_a_model_with_branches_kept_by_strip_is_refused(tiny_resnet, x32):
+    kept = gcs.strip(gcs.gcify(tiny_resnet, example_inputs=x32))  # its old branches live in .gc
+    with pytest.raises(GCSurgeryError, match=r"already has a submodule 'gc'.*strip it with keep_ode=False"):
+        gcs.gcify(kept, example_inputs=x32)
+
+
+def test_strip_refuses_wrapped_models_and_non_bool_flags(tiny_resnet, x32, process_group):
+    gm = gcs.gcify(tiny_resnet, example_inputs=x32)
+    with pytest.raises(GCSurgeryError, match=r"wrapped in DistributedDataParallel; .*strip\(model.module\)"):
+        gcs.strip(torch.nn.parallel.DistributedDataParallel(gm))
+    with pytest.raises(GCSurgeryError, match=r"keep_ode must be True or False, got 'no'"):
+        gcs.strip(gm, keep_ode="no")
+
+
+def test_a_plan_edited_to_other_shapes_fails_at_the_first_forward(tiny_resnet, x32):
+    p = gcs.plan(tiny_resnet, x32)
+    wider = tuple(dataclasses.replace(s, num_chs=s.num_chs + 1) for s in p.states)
+    gm = gcs.gcify(tiny_resnet, dataclasses.replace(p, states=wider))
+    with pytest.raises(GCSurgeryError, match=r"GC-ODE branch takes src of shape \(B, 9, H, W\).*gcsurgery.plan"):
+        gm(x32)
 
 
 def test_edited_plan_inserts_only_what_it_says(tiny_resnet, x32):
