@@ -7,7 +7,7 @@
 The validation split for model selection is cut from ``train/``; the folder ``val/`` is the test set,
 evaluated once at the best epoch. Batch and lr follow the torchvision reference (256 in total, lr 0.1).
 
-Expected result: not yet measured with this recipe. The torchvision reference weights reach 69.76%
+Expected result: not measured yet (it needs ImageNet and GPUs). The torchvision reference weights reach 69.76%
 (ResNet-18) and 76.13% (ResNet-50) top-1 on ImageNet-1k val after 90 epochs with a step schedule.
 """
 
