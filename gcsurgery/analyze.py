@@ -86,11 +86,18 @@ def _reduction(in_hw, hw) -> int:
 
 
 def _plausible(in_hw, h, w) -> bool:
-    """Whether (h, w) can be a spatial size of a network fed `in_hw` (same aspect ratio, not larger)."""
+    """Whether (h, w) can be a spatial size of a network fed `in_hw` (same aspect ratio, not larger).
+
+    Halving a size k times rounds it down or up, which skews the aspect ratio of small maps: a 22x32 input has
+    2x4 maps at /8 (ratios 11 and 8), so those sizes count too.
+    """
     if h < 1 or w < 1 or h > in_hw[0] or w > in_hw[1]:
         return False
     rh, rw = in_hw[0] / h, in_hw[1] / w
-    return max(rh, rw) / min(rh, rw) < 1.35 or (h <= 2 and w <= 2)
+    if max(rh, rw) / min(rh, rw) < 1.35 or (h <= 2 and w <= 2):
+        return True
+    n, m = in_hw
+    return any(h in (n >> k, -(-n >> k)) and w in (m >> k, -(-m >> k)) for k in range(1, max(n, m).bit_length()))
 
 
 def _permute_dims(node: fx.Node):
@@ -160,13 +167,23 @@ def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = Fal
         gm.train(was_training)
     in_hw = tuple(example.shape[-2:])
     infos: dict[str, NodeInfo] = {}
+    flat: set[str] = set()
     for node in gm.graph.nodes:
         shape = _shape_of(node)
         if shape is None:
             infos[node.name] = NodeInfo(None)
             continue
+        if node.op != "placeholder" and (not shape or shape[0] != example.shape[0]):
+            infos[node.name] = NodeInfo(shape)  # batch folded with windows, heads or TNT's pixel tokens: no state
+            continue
         parent = next((a for a in node.all_input_nodes if infos.get(a.name, NodeInfo(None)).layout), None)
         parent_layout = infos[parent.name].layout if parent is not None else None
+        if parent is None and any(a.name in flat for a in node.all_input_nodes):
+            parent_layout = "NLC"  # the transpose of a flattened feature map (B, C, H*W) is tokens
+        if parent_layout == "NCHW" and shape == (*infos[parent.name].shape[:2], math.prod(infos[parent.name].hw)):
+            infos[node.name] = NodeInfo(shape)
+            flat.add(node.name)  # (B, C, H*W): a flattened feature map, not tokens, even where C is a square
+            continue
         layout = "NCHW" if node.op == "placeholder" else _infer_layout(node, shape, in_hw, parent_layout)
         if layout is None:
             infos[node.name] = NodeInfo(shape)
@@ -179,15 +196,35 @@ def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = Fal
 # -- the dataflow graph and its cut nodes -----------------------------------------------------------------
 
 
+def _holds_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor) or type(value).__name__ == "TensorMetadata":
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_tensor(v) for v in value)
+    return isinstance(value, dict) and any(_holds_tensor(v) for v in value.values())
+
+
 def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
-    """Nodes of `gm` as a DiGraph with an edge from each input to each user (get_attr nodes left out)."""
+    """Nodes of `gm` as a DiGraph with an edge from each input to each user.
+
+    get_attr nodes are left out, and so, once shapes are propagated, are nodes that compute no tensor: sizes
+    read off a tensor (`x.shape[2] // 2`, MViTv2's `feat_size`) run beside the data and would hide cut nodes.
+    """
+    propagated = any("val" in n.meta or "tensor_meta" in n.meta for n in gm.graph.nodes)
+
+    def skip(n: fx.Node) -> bool:
+        if n.op == "get_attr":
+            return True
+        meta = n.meta.get("val", n.meta.get("tensor_meta"))
+        return propagated and n.op not in ("placeholder", "output") and not _holds_tensor(meta)
+
     g = nx.DiGraph()
     for i, node in enumerate(gm.graph.nodes):
-        if node.op == "get_attr":
+        if skip(node):
             continue
         g.add_node(node.name, order=i, op=node.op)
         for arg in node.all_input_nodes:
-            if arg.op != "get_attr":
+            if not skip(arg):
                 g.add_edge(arg.name, node.name)
     return g
 
@@ -286,6 +323,11 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
     if not body:
         _refuse(gm, example, any_levels, "no feature map that every input-to-output path passes through")
     levels = sorted({infos[n].reduction for n in body})
+    # nothing finer than the body's first feature map (the stem) is a resolution level: CaiT's talking-heads
+    # linears mix (B, N, N, heads) attention maps, whose N×N reads as an image at reduction 1
+    any_levels = [lv for lv in any_levels if lv >= levels[0]]
+    if len(levels) < 2 and len(any_levels) < 2:  # isotropic (ViTs without a class token, ConvMixer): no pairs
+        _refuse(gm, example, any_levels or levels, "")
     downsamplers = _downsampling_ops(gm, g, infos, nodes)
     scopes = _scope_index(nodes)
 
@@ -295,6 +337,9 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
         first, last = order[at_level[0]], at_level[-1]
         out_ops = [d for d in downsamplers if order[d] > first and infos[d].reduction > level]
         out_ops = [d for d in out_ops if all(infos[a].reduction == level for a in _spatial_inputs(nodes[d], infos))]
+        # the stream goes down only where the next cut node is as coarse: pooled keys and values (MViTv2, PVT's
+        # spatial reduction) are attended to by the finer queries, and the block's output stays fine
+        out_ops = [d for d in out_ops if infos[_next_cut(body, order, d)].reduction >= infos[d].reduction]
         state = last
         if out_ops and level != levels[-1]:
             d = min(out_ops, key=order.get)
@@ -341,6 +386,11 @@ def _refuse(gm, example, levels: list[int], why: str):
         f"parallel streams or in token layouts with extra tokens (a class token), so no hidden state chain exists. "
         f"Build a plan by hand with gcsurgery.Plan, or pass leaf_modules= to hide the parallel parts."
     )
+
+
+def _next_cut(body: list[str], order, d: str) -> str:
+    """The first body node at or after `d` in graph order (`d` itself past the body's end)."""
+    return next((b for b in body if order[b] >= order[d]), d)
 
 
 def _spatial_inputs(node, infos):

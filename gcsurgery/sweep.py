@@ -6,6 +6,7 @@ state), and that one backward reaches every parameter. Prints a table and writes
 """
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -63,14 +64,19 @@ def _first(y):
     return y.logits if hasattr(y, "logits") else y
 
 
-def _torchvision_example(spec: str) -> torch.Tensor | None:
-    """A torchvision model's own input size, from its weights' metadata (nothing is downloaded)."""
+def _torchvision_example(spec: str, model) -> torch.Tensor | None:
+    """A torchvision model's own input size, from its weights' metadata (nothing is downloaded).
+
+    A model with a fixed `image_size` keeps it: ViT-H/14 built without weights takes 224, not its weights' 518.
+    """
     if not spec.startswith("torchvision:"):
         return None
     import torchvision
 
+    size = getattr(model, "image_size", None)
     try:
-        size = torchvision.models.get_model_weights(spec.partition(":")[2]).DEFAULT.transforms().crop_size[0]
+        weights = torchvision.models.get_model_weights(spec.partition(":")[2])
+        size = size if isinstance(size, int) else weights.DEFAULT.transforms().crop_size[0]
     except (ValueError, AttributeError, IndexError):
         return None
     return torch.randn(1, 3, size, size)
@@ -83,11 +89,13 @@ def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     from .rewrite import gcify
 
     row = {"model": spec, "states": 0, "pairs": 0, "gcw": 0, "seconds": 0.0, "status": "", "detail": ""}
+    row["exact"] = exact
     t0 = time.perf_counter()
     try:
         torch.manual_seed(0)
         model = build_model(spec)
-        example = _torchvision_example(spec) or default_example_inputs(model)
+        example = _torchvision_example(spec, model)
+        example = default_example_inputs(model) if example is None else example
         p = plan(model, example)
         row.update(states=len(p.states), pairs=len(p.ode_pairs), gcw=len(p.gcw_sites))
         row["plan_seconds"] = round(time.perf_counter() - t0, 3)
@@ -144,7 +152,7 @@ def summarize(rows: list[dict]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    hier = [r for r in rows if r["status"] != "no hierarchy"]
+    hier = [r for r in rows if r["status"] not in ("no hierarchy", "not run")]
     ok = sum(r["status"] == "ok" for r in hier)
     pct = 100.0 * ok / len(hier) if hier else 0.0
     return (
@@ -154,19 +162,24 @@ def summarize(rows: list[dict]) -> str:
     )
 
 
-def to_markdown(rows: list[dict], title: str) -> str:
+def to_markdown(rows: list[dict], title: str, commands: list[str] = ()) -> str:
+    """A section of docs/coverage.md; the `run` column numbers the command (in `commands`) that made the row."""
     out = [
         f"## {title}",
         "",
         summarize(rows),
         "",
-        "| model | states | pairs | GC-W | s | status |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| model | states | pairs | GC-W | s | run | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         detail = r["detail"].replace("|", "/").replace("\n", " ")[:160]
-        status = r["status"] + (f": {detail}" if detail else "")
-        out.append(f"| {r['model']} | {r['states']} | {r['pairs']} | {r['gcw']} | {r['seconds']:.1f} | {status} |")
+        status = r["status"] + (f": {detail}" if detail else "") + ("" if r.get("exact", True) else " (plan only)")
+        skipped = [n.split(":")[0] for n in r.get("notes", []) if n.startswith("no hidden state")]
+        status += f" ({skipped[0].replace('no hidden state', 'no state')})" if skipped and r["status"] == "ok" else ""
+        run = commands.index(r["run"]) + 1 if r.get("run") in commands else ""
+        cells = (r["model"], r["states"], r["pairs"], r["gcw"], f"{r['seconds']:.1f}", run, status)
+        out.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -181,7 +194,7 @@ def run_isolated(spec: str, *, exact: bool, timeout: float) -> dict:
         detail = f"no result within {timeout:.0f} s"
     except (IndexError, json.JSONDecodeError):
         detail = f"the check process died: {(proc.stderr or '').strip().splitlines()[-1:] or proc.returncode}"
-    row = {"model": spec, "states": 0, "pairs": 0, "gcw": 0, "status": "timeout", "detail": detail}
+    row = {"model": spec, "states": 0, "pairs": 0, "gcw": 0, "status": "timeout", "detail": detail, "exact": exact}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -193,6 +206,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model (each runs in its own process)")
     parser.add_argument("--json", default="sweep.json", help="where to write the rows (default sweep.json)")
     parser.add_argument("--markdown", help="also write a Markdown table (docs/coverage.md)")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --json; run the models missing")
+    parser.add_argument("--from", dest="sources", nargs="*", default=[], help="with --resume: more JSON files to keep")
+    parser.add_argument("--rerun", nargs="*", default=[], help="with --resume: models to run again all the same")
+    parser.add_argument("--no-run", action="store_true", help="with --resume: run nothing, mark the rest 'not run'")
+    parser.add_argument("--note", help="a remark kept in --json and printed in --markdown (how the runs relate)")
+
+
+def _command(args) -> str:
+    """The command line that reproduces `args`, for the record."""
+    out = ["gcsurgery sweep"]
+    out += ["--models", *args.models] if args.models else ["--source", args.source]
+    out += ["--no-exact"] * args.no_exact + ["--timeout", f"{args.timeout:g}", "--json", args.json]
+    out += ["--markdown", args.markdown] if args.markdown else []
+    out += ["--resume"] * args.resume + (["--from", *args.sources] if args.sources else [])
+    out += ["--no-run"] * args.no_run
+    out += ["--rerun", *args.rerun] if args.rerun else []
+    out += ["--note", shlex.quote(args.note)] if args.note else []
+    return " ".join(out)
+
+
+def _load_rows(paths) -> tuple[dict[str, dict], list[str], list[str]]:
+    """Rows by model, the recorded commands and the notes of earlier sweep files (later files win)."""
+    rows, commands, notes = {}, [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        notes += [n for n in data.pop("notes", []) if n not in notes]
+        recorded = data.pop("commands", [])
+        commands += [c for c in recorded if c not in commands]
+        for row in (r for group in data.values() for r in group):
+            rows[row["model"]] = {"run": recorded[-1] if recorded else "", **row}
+    return rows, commands, notes
 
 
 def main(args) -> int:
@@ -205,24 +249,53 @@ def main(args) -> int:
             groups["timm families (smallest model each)"] = [f"timm:{n}" for n in sorted(fams.values())]
         if args.source in ("all", "torchvision"):
             groups["torchvision classification models"] = [f"torchvision:{n}" for n in torchvision_models()]
-    all_rows, md = {}, []
+    old, commands, notes = {}, [], []
+    if args.resume:
+        old, commands, notes = _load_rows([*args.sources, *([args.json] if Path(args.json).exists() else [])])
+    commands.append(_command(args))
+    notes += [args.note] if args.note and args.note not in notes else []
+    all_rows, md = {"commands": commands, "notes": notes}, []
     for title, specs in groups.items():
         rows = []
         for spec in specs:
-            row = run_isolated(spec, exact=not args.no_exact, timeout=args.timeout)
+            if spec in old and spec not in args.rerun:
+                rows.append(old[spec])
+                continue
+            if args.no_run:
+                rows.append(dict(model=spec, states=0, pairs=0, gcw=0, seconds=0.0, status="not run", detail=""))
+                continue
+            row = {**run_isolated(spec, exact=not args.no_exact, timeout=args.timeout), "run": commands[-1]}
             rows.append(row)
             print(f"{row['status']:>12}  {row['seconds']:6.1f}s  {spec}  {row['detail'][:100]}", flush=True)
             with open(args.json, "w") as f:
                 json.dump({**all_rows, title: rows}, f, indent=1)
         all_rows[title] = rows
+        with open(args.json, "w") as f:
+            json.dump(all_rows, f, indent=1)
         print(f"\n{title}\n{format_table(rows)}\n{summarize(rows)}\n")
-        md.append(to_markdown(rows, title))
+        md.append(to_markdown(rows, title, commands))
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(
-                "# Coverage\n\nWritten by `gcsurgery sweep --markdown docs/coverage.md`: each model is planned at "
-                "its default input size, gcified, and checked for bit-exact outputs in eval and train mode, "
-                "each in its own process.\n\n"
-            )
-            f.write("\n".join(md))
+        Path(args.markdown).write_text(_markdown_head(commands, notes) + "\n".join(md))
     return 0
+
+
+def _markdown_head(commands: list[str], notes: list[str]) -> str:
+    import timm
+    import torchvision
+
+    versions = f"timm {timm.__version__}, torchvision {torchvision.__version__}, torch {torch.__version__}"
+    return (
+        f"# Coverage\n\nWritten by `gcsurgery sweep` ({versions}, CPU). Each model runs in its own process: `plan` "
+        "at its default input size, then `gcify` and a bit-for-bit comparison of outputs in eval and in train mode "
+        "(same RNG state), and a backward that reaches every GC-ODE parameter. Statuses: `ok`; `no hierarchy` (one "
+        "resolution level: ViTs, MLP-Mixers, refused with a GCSurgeryError that says so); `refused` (a "
+        "GCSurgeryError saying why); `mismatch`, `crash`, `timeout` (bugs or limits of the sweep). A row marked "
+        "(plan only) was planned without the exactness check. `ok (no state at reduction 8, 16)` means no node at "
+        "those reductions lies on every input-to-output path — parallel streams (HRNet, NASNet cells) or a class "
+        "token — so one GC-ODE pair spans them (docs/design.md, 'Parallel multi-resolution streams').\n\n"
+        "Commands, in order (`--resume` keeps the rows of the files before it and runs the rest; a table's `run` "
+        "column is the number of the command that made the row):\n\n"
+        + "".join(f"{i}. `{c}`\n" for i, c in enumerate(commands, 1))
+        + "".join(f"\n{n}\n" for n in notes)
+        + "\n"
+    )

@@ -4,11 +4,14 @@ The tracer honours timm's not-trace registry (modules and functions timm marks a
 user's `leaf_modules`. When a submodule still fails to trace, it becomes a leaf and the model is traced
 again; each such leaf is recorded with the reason, so the plan can say what it could not look inside.
 Models whose forward branches on `self.training` trace to different graphs in train and eval mode: both
-graphs are traced, and the caller decides whether they differ.
+graphs are traced, the train graph's nodes are named after their eval-graph counterparts (so a node name
+means the same op in both), and the caller decides whether they differ.
 """
 
 import contextlib
+import copy
 import dataclasses
+import difflib
 import inspect
 import traceback
 
@@ -17,7 +20,7 @@ from torch import fx, nn
 
 from .errors import GCSurgeryError
 
-__all__ = ["Leaf", "Traced", "preserve_modes", "trace"]
+__all__ = ["Leaf", "Traced", "check_bare", "check_leaf_modules", "preserve_modes", "trace"]
 
 MAX_FALLBACK_LEAVES = 16
 
@@ -43,6 +46,26 @@ class Traced:
         return self.train is not self.eval
 
 
+def check_bare(model: nn.Module) -> None:
+    """Refuses DDP, DataParallel and torch.compile wrappers: the order is gcify, then wrap."""
+    wrapped = getattr(model, "module", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) and wrapped is not None:
+        raise GCSurgeryError(
+            f"got a model wrapped in {type(model).__name__}; gcify the inner model (model.module) before wrapping it."
+        )
+    if hasattr(model, "_orig_mod"):
+        raise GCSurgeryError("got a torch.compile'd model; gcify the original model, then call torch.compile on it.")
+
+
+def check_leaf_modules(leaf_modules) -> None:
+    """Refuses a lone name or class where a collection of them is expected (a str would be read letter by letter)."""
+    if isinstance(leaf_modules, str | type) or not isinstance(leaf_modules, list | tuple | set | frozenset):
+        raise GCSurgeryError(
+            f"leaf_modules must be a list or tuple of qualified names or module classes, got {leaf_modules!r}; "
+            f"pass e.g. leaf_modules=[{leaf_modules!r}]."
+        )
+
+
 @contextlib.contextmanager
 def preserve_modes(model: nn.Module):
     """Restores the train/eval flag of every submodule on exit (tracing and shape propagation switch them)."""
@@ -61,6 +84,21 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
         return (), ()
     functions = tuple(f for f in get_notrace_functions() if callable(f))
     return tuple(get_notrace_modules()), functions
+
+
+def _stochastic_depth_types() -> tuple[type, ...]:
+    """Residual-dropping modules (timm's DropPath, torchvision's StochasticDepth), kept opaque.
+
+    Traced inline, their train-mode ops (`new_empty`, `bernoulli_`) make a second graph of every model with a
+    nonzero drop-path rate (NextViT by default); as leaves, train and eval mode trace to the same graph.
+    """
+    types = []
+    for module, name in (("timm.layers", "DropPath"), ("torchvision.ops", "StochasticDepth")):
+        try:
+            types.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(types)
 
 
 class GCTracer(fx.Tracer):
@@ -162,13 +200,8 @@ def trace(model: nn.Module, *, leaf_modules=()) -> Traced:
         raise GCSurgeryError(
             "this model is already gcified (it carries a gc_plan); use it as it is, or gcsurgery.strip() it first."
         )
-    wrapped = getattr(model, "module", None)
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) and wrapped is not None:
-        raise GCSurgeryError(
-            f"got a model wrapped in {type(model).__name__}; gcify the inner model (model.module) before wrapping it."
-        )
-    if hasattr(model, "_orig_mod"):
-        raise GCSurgeryError("got a torch.compile'd model; gcify the original model, then call torch.compile on it.")
+    check_bare(model)
+    check_leaf_modules(leaf_modules)
     leaf_types, functions = _timm_notrace()
     user_types = tuple(m for m in leaf_modules if isinstance(m, type))
     user_names = {m for m in leaf_modules if isinstance(m, str)}
@@ -182,7 +215,7 @@ def trace(model: nn.Module, *, leaf_modules=()) -> Traced:
             f"leaf_modules names {unknown} that are not submodules of {type(model).__name__}; "
             f"valid names are those of model.named_modules(), e.g. {sorted(known - {''})[:5]}."
         )
-    leaf_types = leaf_types + user_types
+    leaf_types = leaf_types + _stochastic_depth_types() + user_types
     leaves: list[Leaf] = []
     names = set(user_names)
     was_training = model.training
@@ -194,6 +227,8 @@ def trace(model: nn.Module, *, leaf_modules=()) -> Traced:
                 eval_gm = _trace_mode(model, False, leaf_types, names, functions, leaves)
     finally:
         model.train(was_training)
+    if train_gm.code != eval_gm.code:
+        train_gm = _named_like(train_gm, eval_gm)
     if train_gm.code == eval_gm.code:
         train_gm = eval_gm
     return Traced(train=train_gm, eval=eval_gm, leaves=tuple(leaves))
@@ -201,3 +236,39 @@ def trace(model: nn.Module, *, leaf_modules=()) -> Traced:
 
 def _call_targets(gm: fx.GraphModule) -> set[str]:
     return {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def _node_key(node: fx.Node) -> tuple:
+    scopes = tuple(v[0] if isinstance(v, tuple) else str(v) for v in (node.meta.get("nn_module_stack") or {}).values())
+    return node.op, node.target if isinstance(node.target, str) else repr(node.target), scopes
+
+
+def _named_like(gm: fx.GraphModule, reference: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` whose nodes carry the names of their counterparts in `reference`.
+
+    fx numbers nodes in graph order (`mul`, `mul_1`, ...), so ops that only the train graph runs (a stochastic depth
+    mask) shift the names of every later node, and one name would mean different ops in the two graphs. Counterparts
+    are the nodes matched in order by op, target and enclosing modules; the others get names `reference` does not use.
+    """
+    mine, theirs = list(gm.graph.nodes), list(reference.graph.nodes)
+    keys, reference_keys = [_node_key(n) for n in mine], [_node_key(n) for n in theirs]
+    names = {}
+    for i, j, size in difflib.SequenceMatcher(None, keys, reference_keys, autojunk=False).get_matching_blocks():
+        names.update((mine[i + k], theirs[j + k].name) for k in range(size))
+    taken = {n.name for n in theirs}
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in mine:
+        name = names.get(node)
+        if name is None:
+            name = f"{node.name}_train"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+        args, kwargs = fx.map_arg(node.args, env.__getitem__), fx.map_arg(node.kwargs, env.__getitem__)
+        env[node] = graph.create_node(node.op, node.target, args, kwargs, name=name, type_expr=node.type)
+        env[node].meta = copy.copy(node.meta)
+        assert env[node].name == name
+    graph.lint()
+    return fx.GraphModule(gm, graph, type(gm).__name__)

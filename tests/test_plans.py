@@ -5,6 +5,8 @@ import timm
 import torch
 import torchvision
 from conftest import MLP, TinyConvNeXt, TinyResNet, TinyVGG, WithUntraceable
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 import gcsurgery as gcs
 from gcsurgery import GCSurgeryError, Plan
@@ -142,6 +144,54 @@ def test_error_no_downsampling():
         gcs.plan(MLP(), torch.randn(2, 3, 32, 32))
     with pytest.raises(GCSurgeryError, match="plain ViTs"):
         gcs.plan(timm.create_model("test_vit"))
+    # ConvMixer-like: a patchify stem, then one resolution level; the stem and the last map made one same-level pair
+    isotropic = nn.Sequential(
+        nn.Conv2d(3, 8, 4, 4), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1)
+    )
+    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* at reduction \[4\]"):
+        gcs.plan(isotropic, torch.randn(2, 3, 32, 32))
+    # ViT-L's patches, reshaped to (B, 1024, 196) before the permute, are not 32x32 tokens at reduction 8
+    vit_l = VisionTransformer(image_size=224, patch_size=16, num_layers=1, num_heads=4, hidden_dim=1024, mlp_dim=64)
+    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* at reduction \[16\]"):
+        gcs.plan(vit_l, torch.randn(1, 3, 224, 224))
+
+
+def test_hrnet_parallel_streams_are_spanned_by_one_pair():
+    # the /4../32 streams run side by side; states are cut nodes only: the last map before the split, the merged map
+    p = gcs.plan(timm.create_model("hrnet_w18_small"), torch.randn(1, 3, 64, 64))
+    assert [(s.module, s.reduction) for s in p.states] == [("act1", 2), ("layer1.0.act3", 4), ("final_layer.2", 32)]
+    assert p.ode_pairs == ((0, 1), (1, 2))
+    assert "no hidden state at reduction 8, 16" in p.notes[0]
+
+
+def test_stochastic_depth_is_kept_whole_so_train_and_eval_graphs_match():
+    # inline, DropPath's train-mode ops renamed every later node and NextViT's states had no train counterpart
+    model = timm.create_model("test_convnext", drop_path_rate=0.5)
+    p = gcs.plan(model)
+    assert not any("train and eval" in n for n in p.notes)
+    gm, x = gcs.gcify(model, p), torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    y = model.train()(x)
+    torch.manual_seed(0)
+    assert torch.equal(gm.train()(x), y)
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "last_blocks"), [("mvitv2_tiny", {"img_size": 64}, (0, 1, 4, 1)), ("pvt_v2_b0", {}, (1, 1, 1, 1))]
+)
+def test_token_stages_end_where_the_queries_downsample(name, kw, last_blocks):
+    # MViTv2's feat_size arithmetic ran beside the tokens and hid every cut node; both models pool keys and values
+    # to /32 inside /4 blocks, which is not where a stage ends
+    p = gcs.plan(timm.create_model(name, **kw), torch.randn(1, 3, 64, 64))
+    assert [s.reduction for s in p.states] == [4, 4, 8, 16, 32]
+    assert [s.module for s in p.gcw_sites] == [f"stages.{i}.blocks.{b}.mlp.fc2" for i, b in enumerate(last_blocks)]
+
+
+def test_attention_maps_are_not_a_resolution_level():
+    # CaiT's talking-heads linears mix (B, N, N, heads) attention maps: 64 tokens at 64 px look like reduction 1
+    cait = timm.create_model("cait_xxs24_224", depth=2, img_size=64, patch_size=8, embed_dim=24)
+    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* feature maps at reduction \[8\]"):
+        gcs.plan(cait, torch.randn(1, 3, 64, 64))
 
 
 def test_error_example_input_rank_and_channels(tiny_resnet):
@@ -178,3 +228,11 @@ def test_bad_plan_data_is_refused(tiny_resnet):
     p = gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
     with pytest.raises(GCSurgeryError, match=r"GC-ODE pair \(2, 1\)"):
         Plan(**{**p.__dict__, "ode_pairs": ((2, 1),)})
+
+
+def test_tensors_with_the_batch_folded_in_are_not_feature_maps():
+    # TNT's inner pixel tokens are (B*196, 16, C) at 224 px: read as 4x4 maps of the batch, they made a state
+    # whose GC-ODE branch failed on batch size; with windows (Swin, HaloNet) folded alike, no level comes from them
+    tnt = timm.create_model("tnt_s_legacy_patch16_224", img_size=64, depth=2)
+    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* feature maps at reduction \[4\]"):
+        gcs.gcify(tnt, example_inputs=torch.randn(2, 3, 64, 64))
