@@ -7,7 +7,10 @@
 The embedded subset (6000 training / 1000 test images shipped with gcsurgery) is split into 5400
 training and 600 validation images; the 28x28 images are padded to 32x32.
 
-Expected result: not yet measured with this recipe.
+Expected result (seed 0, one run per arm, one thread each on a 2-core CPU, about 11 minutes per arm):
+baseline best val 90.83% (epoch 25), test 88.70%; gcgd best val 91.67% (epoch 27), test 89.40%, at 1.07x
+the step time. One seed on 600 validation images: a gap of this size is within seed-to-seed noise (see the
+README's benchmark, which pairs 3-5 seeds).
 """
 
 from train import TrainConfig, main
