@@ -247,6 +247,11 @@ def _save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def run_file(runs_dir: Path, arm: str, seed: int, suffix: str) -> Path:
+    """Where the (arm, seed) run keeps its checkpoint (``.pt``) or its summary (``.json``)."""
+    return runs_dir / f"{parse_arm(arm).filename}-seed{seed}{suffix}"
+
+
 def _check_config(saved: dict, cfg: dict, path: Path) -> None:
     diff = {k: (saved.get(k), cfg[k]) for k in RUN_KEYS if saved.get(k) != cfg[k]}
     if diff:
@@ -262,7 +267,7 @@ def run_seed(seed: int, *, arms: list[str], cfg: dict, loaders, runs_dir: Path, 
     train.seed = seed  # the loader draws each epoch's order and augmentation from (seed, epoch)
     pending = []
     for arm in arms:
-        done = runs_dir / f"{parse_arm(arm).filename}-seed{seed}.json"
+        done = run_file(runs_dir, arm, seed, ".json")
         if done.exists():
             _check_config(json.loads(done.read_text())["config"], cfg, done)
         else:
@@ -271,7 +276,7 @@ def run_seed(seed: int, *, arms: list[str], cfg: dict, loaders, runs_dir: Path, 
     runs = {}
     for arm in pending:
         run = runs[arm] = Run(arm, seed, cfg, steps=steps, device=device)
-        ckpt_path = runs_dir / f"{parse_arm(arm).filename}-seed{seed}.pt"
+        ckpt_path = run_file(runs_dir, arm, seed, ".pt")
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
             _check_config(ckpt["config"], cfg, ckpt_path)
@@ -285,16 +290,15 @@ def run_seed(seed: int, *, arms: list[str], cfg: dict, loaders, runs_dir: Path, 
             if len(run.history) != epoch:
                 continue  # this epoch was done before a resume
             row = run.train_epoch(train, val, device)
-            _save(run.state_dict(), runs_dir / f"{parse_arm(arm).filename}-seed{seed}.pt")
+            _save(run.state_dict(), run_file(runs_dir, arm, seed, ".pt"))
             print(
                 f"seed {seed} epoch {epoch}/{cfg['epochs']} {arm:9}  val acc {100 * row['val_acc']:.2f}%  "
                 f"train {row['train_time']:.1f} s ({1e3 * row['step_time']:.0f} ms/step)",
                 flush=True,
             )
     for arm in pending:
-        name = parse_arm(arm).filename
-        _save(runs[arm].summary(test, device), runs_dir / f"{name}-seed{seed}.json")
-        (runs_dir / f"{name}-seed{seed}.pt").unlink(missing_ok=True)
+        _save(runs[arm].summary(test, device), run_file(runs_dir, arm, seed, ".json"))
+        run_file(runs_dir, arm, seed, ".pt").unlink(missing_ok=True)
 
 
 # --- Report ------------------------------------------------------------------------------------------------------
@@ -536,7 +540,7 @@ def main(argv=None) -> dict:
     results = {}
     for arm in args.arms:
         for seed in args.seeds:
-            path = runs_dir / f"{parse_arm(arm).filename}-seed{seed}.json"
+            path = run_file(runs_dir, arm, seed, ".json")
             results[(arm, seed)] = r = json.loads(path.read_text())
             _check_config(r["config"], cfg, path)
     report = aggregate(results, arms=args.arms, seeds=args.seeds, levels=sorted({*args.levels, 1.0}))

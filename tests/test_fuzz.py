@@ -238,34 +238,26 @@ class NHWCDepthwise(nn.Module):
 
 def build_block(b: BlockSpec, c: int) -> tuple[nn.Module, int]:
     """The block and its output channels."""
-    if b.kind == "conv":
-        return conv_norm_act(c, c, 3, norm=b.norm, act_kind=b.act), c
+    if b.kind in ("conv", "grouped"):
+        g = math.gcd(c, b.groups) if b.kind == "grouped" else 1
+        return conv_norm_act(c, c, 3, groups=g, norm=b.norm, act_kind=b.act), c
     if b.kind == "residual":
         return Residual(c, c, b), c
-    if b.kind == "bottleneck":
-        return Bottleneck(c, b), c
-    if b.kind == "dwsep":
-        return DWSep(c, b), c
-    if b.kind == "grouped":
-        g = math.gcd(c, b.groups)
-        return conv_norm_act(c, c, 3, groups=g, norm=b.norm, act_kind=b.act), c
     if b.kind == "dense":
         return Dense(c, 4, b), c + 4
     if b.kind == "inception":
         return Inception(c, b), 12
-    if b.kind == "nhwc":
-        return ConvNeXtBlock(c, b), c
-    if b.kind == "se":
-        return SqueezeExcite(c, b), c
-    if b.kind == "droppath":
-        return DropPathBlock(c, b), c
-    if b.kind == "hourglass":
-        return Hourglass(c, b), c
-    if b.kind == "mlp":
-        return ChannelMLP(c, b), c
-    if b.kind == "dw":
-        return NHWCDepthwise(c, b), c
-    raise AssertionError(b.kind)
+    same_width = {
+        "bottleneck": Bottleneck,
+        "dwsep": DWSep,
+        "nhwc": ConvNeXtBlock,
+        "se": SqueezeExcite,
+        "droppath": DropPathBlock,
+        "hourglass": Hourglass,
+        "mlp": ChannelMLP,
+        "dw": NHWCDepthwise,
+    }
+    return same_width[b.kind](c, b), c
 
 
 class Slice2(nn.Module):
