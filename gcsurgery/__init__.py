@@ -1,15 +1,15 @@
 """gcsurgery: gradient correction (GC-W + GC-ODE) for any timm or torchvision CNN, by torch.fx surgery."""
 
-__version__ = "0.1.0"
-
-from .checkpoint import checkpoint, restore  # noqa: E402
-from .errors import GCSurgeryError  # noqa: E402
-from .gcode import GCODE, ODEOptions  # noqa: E402
-from .gcw import GCWOptions  # noqa: E402
-from .models import cifar_resnet  # noqa: E402
-from .optim import GCOptimizer  # noqa: E402
-from .plans import GCWSite, Plan, State, plan  # noqa: E402
-from .rewrite import gcify, is_gcified, strip  # noqa: E402
+from ._version import __version__
+from .checkpoint import checkpoint, restore
+from .errors import GCSurgeryError
+from .gcode import GCODE, ODEOptions
+from .gcw import GCWOptions
+from .models import cifar_resnet
+from .optim import GCOptimizer
+from .plans import GCWSite, Plan, State, plan
+from .rewrite import gcify, is_gcified, strip
+from .wrappers import unwrap
 
 __all__ = [
     "GCODE",
@@ -27,5 +27,6 @@ __all__ = [
     "plan",
     "restore",
     "strip",
+    "unwrap",
     "__version__",
 ]

@@ -11,10 +11,12 @@ import warnings
 import torch
 from torch import nn
 
+from ._version import __version__
 from .errors import GCSurgeryError
 from .gcode import ODEOptions
 from .plans import Plan, fingerprint
 from .rewrite import GCGraphModule, gcify, is_gcified
+from .wrappers import is_wrapped, wrapper_attr
 
 __all__ = ["checkpoint", "restore"]
 
@@ -29,9 +31,8 @@ def checkpoint(gc_model: nn.Module, optimizer=None, **extra) -> dict:
         optimizer: its optimizer (a `GCOptimizer` or any torch optimizer), saved with `state_dict()`.
         **extra: anything else to keep (epoch, scheduler state, ...), stored at the top level.
     """
-    inner = getattr(gc_model, "module", getattr(gc_model, "_orig_mod", None))
-    if inner is not None and is_gcified(inner):
-        attr = "_orig_mod" if hasattr(gc_model, "_orig_mod") else "module"
+    attr = wrapper_attr(gc_model)
+    if attr is not None and is_gcified(getattr(gc_model, attr)):
         raise GCSurgeryError(
             f"checkpoint() got the gcified model wrapped in {type(gc_model).__name__}, whose state-dict keys carry a "
             f"'{attr}.' prefix that restore() cannot load; pass the module inside: checkpoint(model.{attr}, opt)."
@@ -71,7 +72,6 @@ def restore(model: nn.Module, ckpt: dict, *, inplace: bool = False) -> GCGraphMo
         The gcified model with the saved weights. Load the optimizer with `opt.load_state_dict(ckpt["optimizer"])`
         after building it over this model.
     """
-    from . import __version__
 
     if not isinstance(ckpt, dict) or KEY not in ckpt:
         raise GCSurgeryError(
@@ -84,8 +84,8 @@ def restore(model: nn.Module, ckpt: dict, *, inplace: bool = False) -> GCGraphMo
             "write checkpoints with gcsurgery.checkpoint(gc_model, opt) and pass what torch.load returns."
         )
     plan = Plan.from_dict(meta["plan"])
-    wrapped = isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) or hasattr(model, "_orig_mod")
-    plain = isinstance(model, nn.Module) and not wrapped and not is_gcified(model)  # gcify explains the others
+    # gcify explains the others
+    plain = isinstance(model, nn.Module) and not is_wrapped(model) and not is_gcified(model)
     fp = fingerprint(model) if plain else ""
     if plan.fingerprint and fp and fp != plan.fingerprint:
         raise GCSurgeryError(

@@ -29,22 +29,12 @@ from .gcw import (
     unit_gram,
     update_trust,
 )
+from .wrappers import unwrap
 
 __all__ = ["GCOptimizer"]
 
 _DEFAULT_GCW = GCWOptions()
 _BUFFERS = ("V", "e", "feats", "gram", "c", "f", "raw_norm", "valid", "trust", "adam_step")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / torch.compile wrappers (parameter names are relative to it)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _site_names(net: nn.Module, sites) -> list[str]:
@@ -200,7 +190,7 @@ class GCOptimizer(torch.optim.Optimizer):
             raise GCSurgeryError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(gcw, GCWOptions):
             raise GCSurgeryError(f"gcw must be a GCWOptions, got {gcw!r}; build one with GCWOptions(rho=...).")
-        net = _unwrap(model)
+        net = unwrap(model)
         base = _build_base(model, base, base_kwargs)
         names = _site_names(net, sites)
         named = dict(net.named_parameters())

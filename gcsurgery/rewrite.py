@@ -13,11 +13,13 @@ import dataclasses
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
 
+from ._version import __version__
 from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
 from .plans import Plan, fingerprint
 from .plans import plan as make_plan
 from .trace import check_bare, check_leaf_modules, preserve_modes, trace
+from .wrappers import wrapper_attr
 
 __all__ = ["GCGraphModule", "gcify", "strip", "is_gcified"]
 
@@ -229,7 +231,6 @@ def gcify(
     gm.recompile_all()
     holder.train(model.training)
     gm._select_graph(model.training)  # submodules keep their own modes (e.g. frozen BatchNorm)
-    from . import __version__
 
     _set_preserved(gm, gc_plan=plan, gc_ode=ode, gc_version=__version__)
     return gm
@@ -246,10 +247,10 @@ def strip(gc_model: nn.Module, *, keep_ode: bool = True) -> fx.GraphModule:
     Returns:
         A new GraphModule without `.gc_plan` (GCOptimizer then finds no GC-W sites by itself).
     """
-    inner = getattr(gc_model, "module", None)
-    if isinstance(gc_model, nn.parallel.DistributedDataParallel | nn.DataParallel) and is_gcified(inner):
+    attr = wrapper_attr(gc_model)
+    if attr is not None and is_gcified(getattr(gc_model, attr)):
         raise GCSurgeryError(
-            f"got the gcified model wrapped in {type(gc_model).__name__}; strip the module inside: strip(model.module)."
+            f"got the gcified model wrapped in {type(gc_model).__name__}; strip the module inside: strip(model.{attr})."
         )
     if not is_gcified(gc_model):
         raise GCSurgeryError(f"expected a module returned by gcsurgery.gcify, got {type(gc_model).__name__}.")

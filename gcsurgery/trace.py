@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from .errors import GCSurgeryError
+from .wrappers import wrapper_attr
 
 __all__ = ["Leaf", "Traced", "check_bare", "check_leaf_modules", "preserve_modes", "trace"]
 
@@ -48,12 +49,12 @@ class Traced:
 
 def check_bare(model: nn.Module) -> None:
     """Refuses DDP, DataParallel and torch.compile wrappers: the order is gcify, then wrap."""
-    wrapped = getattr(model, "module", None)
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel) and wrapped is not None:
+    attr = wrapper_attr(model)
+    if attr == "module":
         raise GCSurgeryError(
             f"got a model wrapped in {type(model).__name__}; gcify the inner model (model.module) before wrapping it."
         )
-    if hasattr(model, "_orig_mod"):
+    if attr == "_orig_mod":
         raise GCSurgeryError("got a torch.compile'd model; gcify the original model, then call torch.compile on it.")
 
 

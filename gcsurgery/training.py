@@ -31,6 +31,7 @@ from .models import build_model
 from .optim import GCOptimizer
 from .plans import plan
 from .rewrite import gcify
+from .wrappers import unwrap
 
 __all__ = [
     "ARMS",
@@ -54,17 +55,6 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 def _check_arm(arm: str) -> None:
     if arm not in ARMS:
         raise GCSurgeryError(f"unknown arm {arm!r}; choose one of {list(ARMS)}")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP and `torch.compile` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def build_arm(
