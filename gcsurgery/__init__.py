@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .checkpoint import checkpoint, restore
+from .diagnostics import DiagnosticReport, GradientRecorder, diagnose
 from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
 from .gcw import GCWOptions
@@ -12,16 +13,19 @@ from .rewrite import gcify, is_gcified, strip
 from .wrappers import unwrap
 
 __all__ = [
+    "DiagnosticReport",
     "GCODE",
     "GCOptimizer",
     "GCSurgeryError",
     "GCWOptions",
     "GCWSite",
+    "GradientRecorder",
     "ODEOptions",
     "Plan",
     "State",
     "checkpoint",
     "cifar_resnet",
+    "diagnose",
     "gcify",
     "is_gcified",
     "plan",

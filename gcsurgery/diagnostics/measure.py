@@ -153,7 +153,7 @@ def diagnose(
                 both = (nb > 0) & (nm > 0)
                 split[k][0].append(nb)
                 split[k][1].append(nm)
-                split[k][2].append(((gb * gm).sum(1)[both] / (nb * nm)[both]))
+                split[k][2].append((gb * gm).sum(1)[both] / (nb * nm)[both])
     states = []
     for i, (k, s) in enumerate(zip(pr.states, pr.plan.states, strict=True)):
         norms = torch.cat(state_norms[k])

@@ -9,6 +9,7 @@ part of h_{a}'s gradient that comes back through the branch).
 
 import copy
 import dataclasses
+
 import torch
 from torch import fx, nn
 
@@ -50,7 +51,9 @@ def graph_of(model: nn.Module, plan: Plan | None) -> tuple[fx.GraphModule, Plan]
             "example_inputs=...)."
         )
     if not isinstance(plan, Plan):
-        raise GCSurgeryError(f"plan must be a gcsurgery.Plan, got {type(plan).__name__}; build one with gcsurgery.plan.")
+        raise GCSurgeryError(
+            f"plan must be a gcsurgery.Plan, got {type(plan).__name__}; build one with gcsurgery.plan."
+        )
     if not plan.ode_pairs and not plan.gcw_sites:
         raise GCSurgeryError(
             "the plan has no GC-ODE pairs and no GC-W sites, so gcsurgery cannot build its graph; use the automatic "
@@ -125,7 +128,7 @@ def probed(model: nn.Module, plan: Plan | None) -> Probed:
     tensors = _state_tensors(graph, plan)
     first = next(n for n in graph.nodes if n.op != "placeholder")
     states, branches = {}, {}
-    for i, (node, s) in enumerate(zip(tensors, plan.states, strict=True)):
+    for i, node in enumerate(tensors):
         name = f"gc_probe_h{i}"
         with graph.inserting_before(first):
             ph = graph.placeholder(name, default_value=None)

@@ -46,7 +46,10 @@ class BranchShare:
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return ["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    return [
+        "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+        for r in rows
+    ]
 
 
 def _g(x: float) -> str:
@@ -92,7 +95,9 @@ class DiagnosticReport:
             lines += [""] + _table(rows)
         if self.gcw:
             keys = sorted({k for d in self.gcw.values() for k in d if not k.startswith("coef_")})
-            rows = [("GC-W site", *keys)] + [(n, *(_g(d.get(k, float("nan"))) for k in keys)) for n, d in self.gcw.items()]
+            rows = [("GC-W site", *keys)] + [
+                (n, *(_g(d.get(k, float("nan"))) for k in keys)) for n, d in self.gcw.items()
+            ]
             lines += [""] + _table(rows)
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
