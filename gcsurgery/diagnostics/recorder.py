@@ -6,6 +6,8 @@ group's gradient g_t and weights W_t; at t + 1 it measures cos(g_t, g_{t+1}) and
 cos(ΔG_t, g_{t+1}); at t + every it measures cos(−g_t, W_{t+every} − W_t). Between those steps it does nothing.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -108,21 +110,22 @@ class GradientRecorder:
                 group = prev["groups"].get(f"gcw:{name}", {})
                 norm_dg = site.get("ratio", float("nan")) * group.get("grad_norm", float("nan"))
                 denom = norm_dg * group.get("next_grad_norm", float("nan"))
-                site["cos_dG_next"] = site["next_grad_dot"] / denom if denom > 0 else 0.0
+                # undefined (nan) at steps where GC-W applied no correction (ΔG_t = 0)
+                site["cos_dG_next"] = site["next_grad_dot"] / denom if denom > 0 else float("nan")
                 site["preconditioned"] = self._preconditioned
 
     def _finish(self, step: int) -> None:
         self._open.pop(step, None)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per group (and GC-W site), the mean of each recorded quantity over the records that have it."""
+        """Per group (and GC-W site), the mean of each recorded quantity over the records where it is defined."""
         sums: dict[str, dict[str, list[float]]] = {}
         for rec in self.records:
             for section in ("groups", "gcw"):
                 for k, d in rec.get(section, {}).items():
                     key = k if section == "groups" else f"gcw-opt:{k}"
                     for q, v in d.items():
-                        if isinstance(v, float):
+                        if isinstance(v, float) and not math.isnan(v):
                             sums.setdefault(key, {}).setdefault(q, []).append(v)
         return {k: {q: sum(v) / len(v) for q, v in d.items()} for k, d in sums.items()}
 
