@@ -1,5 +1,7 @@
 """Gradient diagnostics against hand-computed cases, on plain and gcified tiny CNNs."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,5 +230,39 @@ def test_recorder_every_k_with_momentum_and_gcw(tiny_resnet, x32):
     assert -1 <= first["groups"]["stage1"]["cos_step"] <= 1
     site = first["gcw"]["stages.1.1.conv2.weight"]
     assert {"ratio", "next_grad_dot", "cos_dG_next", "proposal_cosine"} <= set(site)
-    assert site["ratio"] >= 0 and -1 - 1e-6 <= site["cos_dG_next"] <= 1 + 1e-6
+    cos = site["cos_dG_next"]  # undefined while GC-W applies no correction
+    assert site["ratio"] >= 0 and (math.isnan(cos) if site["ratio"] == 0 else -1 - 1e-6 <= cos <= 1 + 1e-6)
     assert "gcw-opt:stages.1.1.conv2.weight" in rec.summary()
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_recorder_cos_dG_next_matches_the_correction_read_off_the_weights(tiny_resnet, every):
+    # plain SGD without momentum: W_{t+1} − W_t = −lr (G_t + ΔG_t), so ΔG_t can be read off the weights
+    plan = gcs.plan(tiny_resnet, (2, 3, 32, 32))
+    gcw = gcs.GCWOptions(trust=False, cumulative_bound=None, lr=0.01)  # corrections from step 1 on
+    opt = gcs.GCOptimizer(tiny_resnet, torch.optim.SGD, sites=[s.param for s in plan.gcw_sites], lr=0.05, gcw=gcw)
+    rec = GradientRecorder(tiny_resnet, plan, every=every, optimizer=opt)
+    site = "stages.1.1.conv2.weight"
+    p = tiny_resnet.get_parameter(site)
+    grads, corrections = [], []
+    for t in range(7):
+        x, y = _batch(8, seed=20 + t)
+        opt.zero_grad()
+        F.cross_entropy(tiny_resnet(x), y).backward()
+        rec.after_backward(t)
+        g, w = p.grad.clone(), p.detach().clone()
+        opt.step()
+        rec.after_step(t)
+        grads.append(g)
+        corrections.append(-(p.detach() - w) / 0.05 - g)
+    checked = 0
+    for r in rec.records:
+        t, d = r["step"], r["gcw"][site]
+        if t + 1 >= len(grads) or d["ratio"] == 0:
+            continue
+        dG = corrections[t]
+        assert d["ratio"] == pytest.approx(float(dG.norm() / grads[t].norm()), rel=1e-4)
+        expected = float(F.cosine_similarity(dG.flatten(), grads[t + 1].flatten(), dim=0))
+        assert d["cos_dG_next"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        checked += 1
+    assert checked >= 2

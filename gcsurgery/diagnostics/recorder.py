@@ -79,7 +79,8 @@ class GradientRecorder:
             g0, w0 = self._kept.pop(start)
             for k in self.groups:
                 self._open[start]["groups"][k]["cos_step"] = cosine(-g0[k], self._flat(k, weights=True) - w0[k])
-            self._finish(start)
+        for t in [t for t in self._open if t < step - max(self.every, 1)]:
+            del self._open[t]  # complete: its t + 1 and t + every steps have passed
         if step % self.every == 0:
             grads = {k: self._flat(k).clone() for k in self.groups}
             weights = {k: self._flat(k, weights=True).clone() for k in self.groups}
@@ -113,9 +114,6 @@ class GradientRecorder:
                 # undefined (nan) at steps where GC-W applied no correction (ΔG_t = 0)
                 site["cos_dG_next"] = site["next_grad_dot"] / denom if denom > 0 else float("nan")
                 site["preconditioned"] = self._preconditioned
-
-    def _finish(self, step: int) -> None:
-        self._open.pop(step, None)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per group (and GC-W site), the mean of each recorded quantity over the records where it is defined."""
