@@ -11,7 +11,9 @@ initial weights. Arms: ``baseline`` (SGD lr 0.1, momentum 0.9, no weight decay, 
 arm of a (model, seed) starts from the same weights and sees the same batches in the same order.
 
 For each run: `gcsurgery.diagnose` on a fixed set of training images (the first ``--diag-samples`` of a
-seed-independent permutation) at insertion and after ``--steps`` steps, and a `GradientRecorder` every
+seed-independent permutation) at insertion and after ``--steps`` steps (at insertion on a copy whose BatchNorm
+running statistics are averaged over the next ``--calibration`` images, since eval mode would otherwise see
+the initial (0, 1) statistics), and a `GradientRecorder` every
 ``--every`` steps during training. Writes ``OUT/results.json`` (everything), ``OUT/results.md`` (the table,
 mean ± std over seeds) and ``OUT/norm_profile.png``, ``OUT/coherence.png``. ``--overhead-steps N`` also times
 the recorder on CIFAR ResNet-20 (3×32×32, batch 128), interleaved with and without it.
@@ -79,14 +81,33 @@ def build_arm(base: nn.Module, arm: str, example: torch.Tensor, lr: float, momen
     return model, opt, plan
 
 
+def calibrated(model: nn.Module, x: torch.Tensor, batch: int) -> nn.Module:
+    """A copy of `model` whose BatchNorm running statistics are the average over `x`, in batches.
+
+    At initialisation the running statistics are (0, 1), so the eval-mode network that per-sample
+    diagnostics see would not be the one training starts from; the weights are not changed.
+    """
+    m = copy.deepcopy(model)
+    norms = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    for b in norms:
+        b.reset_running_stats()
+        b.momentum = None  # cumulative average
+    m.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            m(x[i : i + batch])
+    return m
+
+
 def run(model_name, arm, seed, data, args):
-    x_all, y_all, diag = data
+    x_all, y_all, diag, calib = data
     base = build(model_name, seed)
     model, opt, plan = build_arm(base, arm, x_all[:2], args.lr, args.momentum)
     plain_plan = None if gcs.is_gcified(model) else plan
     gcw_opt = opt if arm in ("gcw", "gcgd") else None
     out = {"model": model_name, "arm": arm, "seed": seed}
-    out["insertion"] = gcs.diagnose(model, diag, plan=plain_plan, optimizer=None, chunk_size=32).to_dict()
+    start = calibrated(model, calib, args.batch)
+    out["insertion"] = gcs.diagnose(start, diag, plan=plain_plan, chunk_size=32).to_dict()
     rec = gcs.GradientRecorder(model, plain_plan, every=args.every, optimizer=gcw_opt)
     g = torch.Generator().manual_seed(1000 + seed)
     order = torch.cat(
@@ -101,7 +122,7 @@ def run(model_name, arm, seed, data, args):
         rec.after_backward(t)
         opt.step()
         rec.after_step(t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     out["train_seconds"] = time.perf_counter() - t0
     out["losses"] = losses
     out["final"] = gcs.diagnose(model, diag, plan=plain_plan, optimizer=gcw_opt, chunk_size=32).to_dict()
@@ -276,6 +297,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--diag-samples", type=int, default=128)
+    ap.add_argument("--calibration", type=int, default=1280, help="images for the BatchNorm statistics at insertion")
     ap.add_argument("--overhead-steps", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -285,14 +307,15 @@ def main(argv=None) -> int:
     x = data.train_images.float().div(255).unsqueeze(1)  # (N, 1, 28, 28)
     x = (x - x.mean()) / x.std()
     y = data.train_labels
-    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))[: args.diag_samples]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
+    pick, calib = perm[: args.diag_samples], perm[args.diag_samples : args.diag_samples + args.calibration]
     diag = (x[pick], y[pick])
     print(f"data: {data}; diagnostics on {len(pick)} training images", flush=True)
     results, start = [], time.perf_counter()
     for seed in args.seeds:
         for model in args.models:
             for arm in args.arms:
-                r = run(model, arm, seed, (x, y, diag), args)
+                r = run(model, arm, seed, (x, y, diag, x[calib]), args)
                 results.append(r)
                 print(
                     f"seed {seed} {model:8s} {arm:8s} loss {r['losses'][0]:.3f} -> "
