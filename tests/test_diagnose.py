@@ -165,9 +165,11 @@ def test_diagnose_leaves_the_model_and_the_rng_as_they_were(tiny_resnet, x32, gc
     model.train()
     F.cross_entropy(model(x), y).backward()  # grads present
     model.get_submodule("stages.1.0.bn1").eval()  # a mixed mode, as frozen BatchNorm leaves it
-    before = _state(model)
+    before, code = _state(model), model.code if gcified else None
     diagnose(model, (x, y), method="auto")
     after = _state(model)
+    if gcified:
+        assert model.code == code  # the train-mode graph is the one that runs again
     for k in before[0]:
         assert torch.equal(before[0][k], after[0][k]), k
     for k, g in before[1].items():

@@ -30,6 +30,7 @@ def preserved(model: nn.Module):
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        model.train(modes[model])  # a gcified model with two graphs selects its graph here
         for m, mode in modes.items():
             m.training = mode
 
