@@ -299,10 +299,16 @@ def main(argv=None) -> int:
     ap.add_argument("--diag-samples", type=int, default=128)
     ap.add_argument("--calibration", type=int, default=1280, help="images for the BatchNorm statistics at insertion")
     ap.add_argument("--overhead-steps", type=int, default=0)
+    ap.add_argument("--render", action="store_true", help="only rewrite results.md and the plots from OUT/results.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        saved = json.loads((out / "results.json").read_text())
+        cfg = argparse.Namespace(**saved["config"])
+        write(out, saved, cfg)
+        return 0
     data = _load_fashion()
     x = data.train_images.float().div(255).unsqueeze(1)  # (N, 1, 28, 28)
     x = (x - x.mean()) / x.std()
@@ -311,25 +317,40 @@ def main(argv=None) -> int:
     pick, calib = perm[: args.diag_samples], perm[args.diag_samples : args.diag_samples + args.calibration]
     diag = (x[pick], y[pick])
     print(f"data: {data}; diagnostics on {len(pick)} training images", flush=True)
+    summary = {"command": " ".join(["python", "benchmarks/diagnostics.py", *(argv or sys.argv[1:])])}
     results, start = [], time.perf_counter()
+    summary.update(config=vars(args), data=str(data), results=results, complete=False)
+    if args.overhead_steps:
+        summary["overhead"] = overhead(args.overhead_steps, args.every)
+        print(f"recorder overhead: {summary['overhead']}", flush=True)
     for seed in args.seeds:
         for model in args.models:
             for arm in args.arms:
                 r = run(model, arm, seed, (x, y, diag, x[calib]), args)
                 results.append(r)
+                (out / "results.json").write_text(json.dumps(summary, indent=1))  # partial results survive a stop
                 print(
                     f"seed {seed} {model:8s} {arm:8s} loss {r['losses'][0]:.3f} -> "
                     f"{statistics.fmean(r['losses'][-10:]):.3f}"
                     f"  train {r['train_seconds']:.1f}s  (total {time.perf_counter() - start:.0f}s)",
                     flush=True,
                 )
-    summary = {"command": " ".join(["python", "benchmarks/diagnostics.py", *(argv or sys.argv[1:])])}
-    summary.update(config=vars(args), data=str(data), results=results)
-    if args.overhead_steps:
-        summary["overhead"] = overhead(args.overhead_steps, args.every)
-        print(f"recorder overhead: {summary['overhead']}", flush=True)
+    summary["complete"] = True
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    text = table(results, args.models, args.arms)
+    write(out, summary, args)
+    return 0
+
+
+def write(out: Path, summary: dict, args) -> None:
+    """Writes results.md and the plots from the (possibly partial) results."""
+    runs = {(r["seed"], r["model"], r["arm"]) for r in summary["results"]}
+    seeds = [s for s in args.seeds if all((s, m, a) in runs for m in args.models for a in args.arms)]
+    results = [r for r in summary["results"] if r["seed"] in seeds]  # whole seeds only: every arm paired
+    models, arms = args.models, args.arms
+    if not results:
+        print("no seed has finished every run; nothing to write")
+        return
+    text = table(results, models, arms)
     if "overhead" in summary:
         o = summary["overhead"]
         text += (
@@ -339,10 +360,10 @@ def main(argv=None) -> int:
             f"time inside the recorder's calls {o['seconds_inside_recorder'] * 1e3:.1f} ms "
             f"({100 * o['inside_share']:.3f}% of the steps with it)\n"
         )
-    (out / "results.md").write_text(f"`{summary['command']}`\n\n{summary['data']}\n{text}")
-    plots(results, args.models, args.arms, out)
+    done = "" if summary.get("complete") else f" (stopped early: the seeds that finished every run, {seeds})"
+    (out / "results.md").write_text(f"`{summary['command']}`{done}\n\n{summary['data']}\n{text}")
+    plots(results, models, arms, out)
     print(text)
-    return 0
 
 
 if __name__ == "__main__":
