@@ -99,6 +99,11 @@ def test_norm_profile_of_a_plain_cnn(tiny_resnet):
     expected, _ = _hooked_norms(tiny_resnet, [tiny_resnet.stem, stages[0], stages[1], stages[2]], x, y)
     assert [s.grad_norm for s in report.states] == pytest.approx(expected, rel=1e-4)
     assert report.method == "vmap" and report.samples == 8 and not report.branches
+    # a plan without GC-W sites makes diagnose build the graph with zero-gated branches: still no branch rows
+    no_sites = gcs.plan(tiny_resnet, x[:2]).without(gcw=[0, 1, 2])
+    again = diagnose(tiny_resnet, (x, y), plan=no_sites)
+    assert not again.branches
+    assert [s.grad_norm for s in again.states] == pytest.approx([s.grad_norm for s in report.states], rel=1e-5)
     names = [g.name for g in report.groups]
     assert names[:5] == ["stem", "stage1", "stage2", "stage3", "head"]
     assert "gcw:stages.1.1.conv2.weight" in names

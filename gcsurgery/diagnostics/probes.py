@@ -123,6 +123,7 @@ class Probed:
 
 def probed(model: nn.Module, plan: Plan | None) -> Probed:
     """The model's eval graph with a zero probe added to each hidden state and to each GC-ODE branch's input."""
+    gcified = is_gcified(unwrap(model))
     gm, plan = graph_of(model, plan)
     graph = copy.deepcopy(_eval_graph(gm))
     tensors = _state_tensors(graph, plan)
@@ -138,9 +139,9 @@ def probed(model: nn.Module, plan: Plan | None) -> Probed:
         states[name] = add.name
     by_target = {str(n.target): n for n in graph.nodes if n.op == "call_module"}
     for k, (a, b) in enumerate(plan.ode_pairs):
-        node = by_target.get(_branch_target(k))
+        node = by_target.get(_branch_target(k)) if gcified else None
         if node is None:
-            continue  # a plain model's graph carries no branches
+            continue  # a plain model has no branches (its graph may carry zero-gated ones, see graph_of)
         name = f"gc_probe_ode{k}"
         with graph.inserting_before(first):
             ph = graph.placeholder(name, default_value=None)

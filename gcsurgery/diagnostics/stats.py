@@ -91,7 +91,7 @@ class GradientMoments:
         }
 
 
-def _vmap_grads(module, names, params, frozen, x, y, loss_fn, probes):
+def _vmap_grads(module, params, frozen, x, y, loss_fn, probes):
     def one(p, q, xi, yi):  # xi: one sample without its batch dimension
         kwargs = {k: v.unsqueeze(0) for k, v in q.items()}
         out = functional_call(module, (p, frozen), (xi.unsqueeze(0),), kwargs)
@@ -101,7 +101,7 @@ def _vmap_grads(module, names, params, frozen, x, y, loss_fn, probes):
     return {**gp, **gq}
 
 
-def _loop_grads(module, names, params, frozen, x, y, loss_fn, probes):
+def _loop_grads(module, params, frozen, x, y, loss_fn, probes):
     out = {k: [] for k in [*params, *probes]}
     for i in range(x.shape[0]):
         p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
@@ -153,4 +153,4 @@ def per_sample_gradients(
     ref = next(iter(sel.values()), x)
     q = {k: torch.zeros(shape, device=ref.device, dtype=ref.dtype) for k, shape in (probes or {}).items()}
     fn = _vmap_grads if method == "vmap" else _loop_grads
-    return fn(module, params, sel, frozen, x, y, loss_fn, q)
+    return fn(module, sel, frozen, x, y, loss_fn, q)
