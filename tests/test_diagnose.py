@@ -223,6 +223,8 @@ def test_recorder_cosines_against_hand_computed_ones(tiny_resnet):
         assert d["cos_next"] == pytest.approx(float(F.cosine_similarity(grads[t], grads[t + 1], dim=0)), rel=1e-5)
         assert d["cos_step"] == pytest.approx(1.0, abs=1e-5)  # plain SGD steps exactly along -g
     assert "cos_next" not in rec.records[3]["groups"]["stage2"]  # step 4 never came
+    assert [r["step"] for r in rec.pop_complete()] == [0, 1]  # 2 and 3 are released by later steps
+    assert rec.pop_complete() == []
     assert rec.flat(rec.records[0])["diag/stage2/cos_step"] == pytest.approx(1.0, abs=1e-5)
 
 

@@ -55,6 +55,7 @@ class GradientRecorder:
         base = getattr(optimizer, "base", None)
         self._preconditioned = base is not None and not isinstance(base, torch.optim.SGD)
         self.records: list[dict] = []
+        self._emitted = 0  # records handed out by pop_complete
         self._open: dict[int, dict] = {}  # step t → its record, while it is being filled
         self._kept: dict[int, tuple[dict, dict]] = {}  # step t → (g_t, W_t) per group
 
@@ -114,6 +115,15 @@ class GradientRecorder:
                 # undefined (nan) at steps where GC-W applied no correction (ΔG_t = 0)
                 site["cos_dG_next"] = site["next_grad_dot"] / denom if denom > 0 else float("nan")
                 site["preconditioned"] = self._preconditioned
+
+    def pop_complete(self) -> list[dict]:
+        """The records completed since the last call (their steps t + 1 and t + every have passed), oldest first:
+        what a training loop writes to metrics.jsonl (with `flat`)."""
+        done = self._emitted
+        while done < len(self.records) and self.records[done]["step"] not in self._open:
+            done += 1
+        out, self._emitted = self.records[self._emitted : done], done
+        return out
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per group (and GC-W site), the mean of each recorded quantity over the records where it is defined."""
