@@ -197,13 +197,19 @@ def table(results: list[dict], models, arms) -> str:
             keys = sorted({k for r in rs for k in r["recorder"] if k.startswith("gcw-opt:")})
             for k in keys:
                 d = [r["recorder"][k] for r in rs]
+                own = [r["recorder"].get(f"gcw:{k.removeprefix('gcw-opt:')}", {}).get("cos_next") for r in rs]
                 site_rows.append(
                     f"| {arm} | {k.removeprefix('gcw-opt:')} | {_pm([x.get('ratio') for x in d])} | "
-                    f"{_pm([x.get('cos_dG_next') for x in d])} | {_pm([x.get('proposal_cosine') for x in d])} |"
+                    f"{_pm([x.get('cos_dG_next') for x in d])} | {_pm([x.get('proposal_cosine') for x in d])} | "
+                    f"{_pm(own)} |"
                 )
         if site_rows:
-            lines += ["", "| arm | GC-W site | ‖ΔG_t‖/‖G_t‖ | cos(ΔG_t, g_t+1) | cos(proposal, g_t+1) |"]
-            lines += ["|---|---|---|---|---|", *site_rows]
+            lines += [
+                "",
+                "| arm | GC-W site | ‖ΔG_t‖/‖G_t‖ | cos(ΔG_t, g_t+1) | cos(proposal, g_t+1) | cos(G_t, g_t+1) |",
+                "|---|---|---|---|---|---|",
+                *site_rows,
+            ]
         loss = {a: _pm([statistics.fmean(r["losses"][-10:]) for r in rs]) for a, rs in runs.items()}
         lines += ["", "train loss, mean of the last 10 steps: " + ", ".join(f"{a} {v}" for a, v in loss.items())]
     return "\n".join(lines) + "\n"
