@@ -275,3 +275,23 @@ def test_recorder_cos_dG_next_matches_the_correction_read_off_the_weights(tiny_r
         assert d["cos_dG_next"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
         checked += 1
     assert checked >= 2
+
+
+@pytest.mark.slow
+def test_the_benchmark_writes_its_table_plots_and_json(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "diagnostics.py"
+    spec = importlib.util.spec_from_file_location("diagnostics_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--seeds", "0", "--steps", "3", "--every", "1", "--batch", "16", "--diag-samples", "4"]
+    argv += ["--calibration", "16", "--models", "plain20", "--arms", "baseline", "gcgd", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] and [r["arm"] for r in saved["results"]] == ["baseline", "gcgd"]
+    assert len(saved["results"][1]["final"]["branches"]) == 3
+    assert "plain20, after training" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "norm_profile.png").stat().st_size > 0 and (tmp_path / "coherence.png").stat().st_size > 0
