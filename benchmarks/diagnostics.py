@@ -159,10 +159,11 @@ def table(results: list[dict], models, arms) -> str:
         stages = [g["name"] for g in first["final"]["groups"] if not g["name"].startswith("gcw:")]
         for when in ("insertion", "final"):
             lines += [f"\n### {model}, {'at insertion' if when == 'insertion' else 'after training'}", ""]
-            head = ["arm", *(f"E‖∂ℓ/∂{h}‖" for h in states), *(f"α {s}" for s in stages)]
+            head = ["arm", *(f"E‖∂ℓ/∂{h}‖" for h in states), f"{states[0]}/{states[-1]}", *(f"α {s}" for s in stages)]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for arm, rs in runs.items():
                 cells = [_pm([r[when]["states"][i]["grad_norm"] for r in rs]) for i in range(len(states))]
+                cells.append(_pm([r[when]["states"][0]["grad_norm"] / r[when]["states"][-1]["grad_norm"] for r in rs]))
                 cells += [_pm([_groups(r[when])[s]["coherence"] for r in rs]) for s in stages]
                 lines.append("| " + " | ".join([arm, *cells]) + " |")
             lines += ["", "| arm | " + " | ".join(f"GSNR {s}" for s in stages) + " |", "|---|" + "---|" * len(stages)]
