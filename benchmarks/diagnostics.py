@@ -171,6 +171,25 @@ def table(results: list[dict], models, arms) -> str:
                 lines.append(
                     "| " + " | ".join([arm, *(_pm([_groups(r[when])[s]["gsnr"] for r in rs]) for s in stages)]) + " |"
                 )
+        if "baseline" in runs and len(runs) > 1:
+            lines += [f"\n### {model}, after training: paired difference to the baseline of the same seed", ""]
+            head = ["arm", f"{states[0]}/{states[-1]}", *(f"α {s}" for s in stages), *(f"GSNR {s}" for s in stages)]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            base = {r["seed"]: r["final"] for r in runs["baseline"]}
+
+            def ratio(rep):
+                return rep["states"][0]["grad_norm"] / rep["states"][-1]["grad_norm"]
+
+            for arm, rs in runs.items():
+                if arm == "baseline":
+                    continue
+                cells = [_pm([ratio(r["final"]) - ratio(base[r["seed"]]) for r in rs], "{:+.3g}")]
+                for key in ("coherence", "gsnr"):
+                    cells += [
+                        _pm([_groups(r["final"])[s][key] - _groups(base[r["seed"]])[s][key] for r in rs], "{:+.3g}")
+                        for s in stages
+                    ]
+                lines.append("| " + " | ".join([arm, *cells]) + " |")
         lines += [f"\n### {model}, during training (recorder means over the recorded steps)", ""]
         head = ["arm", *(f"cos(g_t,g_t+1) {s}" for s in stages), *(f"cos(−g_t,ΔW) {s}" for s in stages)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
