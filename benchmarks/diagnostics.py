@@ -143,7 +143,7 @@ def _ms(values) -> tuple[float, float]:
 
 def _pm(values, fmt="{:.3g}") -> str:
     m, s = _ms(values)
-    return f"{fmt.format(m)} ± {fmt.format(s)}"
+    return f"{fmt.format(m)} ± {s:.3g}"
 
 
 def _groups(report: dict) -> dict:
