@@ -514,35 +514,92 @@ def _pad(tensors: list[Tensor]) -> Tensor:
     return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
 
 
+CHUNK = 2**18  # numbers per (rows, D, n) block of the weight-sized work: it stays in the CPU's cache
+
+
+def _row_chunks(s: SiteTensors, D: int) -> list[slice]:
+    C, n = s.grad.shape
+    step = max(1, CHUNK // (D * n))
+    return [slice(i, min(i + step, C)) for i in range(0, C, step)]
+
+
+def _own_slots(s: SiteTensors, opts: "GCWOptions") -> list[tuple[int, int]]:
+    """(history slot, horizon) of the EMAs GC-W keeps itself."""
+    first = 2 if s.base_moment else 1
+    return list(enumerate(opts.horizons[1:] if s.base_moment else opts.horizons, start=first))
+
+
+def _directions(s: SiteTensors, r: slice, D: int) -> Tensor:
+    """(rows, D, n) directions of the new step, g_{t+1}, its EMAs and w_{t+1}, for rows r."""
+    h = s.grad[r]
+    parts = [h]
+    if s.base_moment:
+        parts.append(torch.zeros_like(h) if s.moment is None else s.moment[r].to(h.dtype))
+    first = 2 if s.base_moment else 1
+    parts += list(s.hist[r, first : D - 1].to(h.dtype).unbind(1))
+    parts.append(s.weight[r].to(h.dtype))
+    return torch.stack(parts, dim=1)
+
+
 def _site_pass(s: SiteTensors, opts: "GCWOptions"):
-    """The weight-sized work of one site before its correction: dot products and the new Gram matrix."""
+    """The weight-sized work of one site before its correction, block by block of rows: the stored history's
+    products with the new gradient (the hypergradient of step t), GC-W's own EMAs, the new Gram matrix."""
     D = opts.n_dirs
-    h = s.grad
-    Ph = h if s.precond is None else h * s.precond
-    dots_t = torch.bmm(s.hist.to(h.dtype), Ph[:, :, None])[..., 0].float()  # ⟨P g_{t+1}, stored slot⟩: (C, D)
-    ok = torch.isfinite(dots_t[:, 0]).all()  # any non-finite g_{t+1} makes ⟨P g_{t+1}, g_t⟩ non-finite
-    first_own = 2 if s.base_moment else 1
-    if D - 1 > first_own:  # GC-W's own EMAs: m_{t+1} = lerp(m_t, g_{t+1}), after their step-t dots were taken
-        for k, horizon in enumerate(opts.horizons[1:] if s.base_moment else opts.horizons, start=first_own):
-            m = s.hist[:, k]
-            m.lerp_(torch.where(ok, h.to(m.dtype), m), 1 / horizon)  # unchanged where g_{t+1} is not finite
-    moments = []
-    if s.base_moment:
-        moments.append(torch.zeros_like(h) if s.moment is None else s.moment.to(h.dtype))
-    moments += list(s.hist[:, first_own : D - 1].to(h.dtype).unbind(1))
-    V = torch.stack([h, *moments, s.weight.to(h.dtype)], dim=1)  # (C, D, n) directions of step t+1
-    gram = torch.bmm(V, V.transpose(1, 2)).float()  # (C, D, D)
-    if s.precond is None:
-        nxt, ph2 = gram[:, 0, :], gram[:, 0, 0].sum()
-    else:
-        nxt = torch.bmm(V, Ph[:, :, None])[..., 0].float()
-        ph2 = torch.dot(Ph.reshape(-1), Ph.reshape(-1)).float()
-    # directions of step t = (slots whose value moved) step t+1's + the stored difference
-    dots_t[:, -1] += nxt[:, -1]
-    if s.base_moment:
-        dots_t[:, 1] += nxt[:, 1]
-    e_norm = None if s.e is None else torch.linalg.vector_norm(s.e, dim=1, dtype=torch.float32)
-    return V, gram, dots_t, ph2, ok, e_norm
+    grams, dots, ph2, e_norms = [], [], [], []
+    own = _own_slots(s, opts)
+    for r in _row_chunks(s, D):
+        h = s.grad[r]
+        Ph = None if s.precond is None else h * s.precond[r]
+        if own:  # m_{t+1} = lerp(m_t, g_{t+1}) after m_t's products are taken (below, from a copy); rows of a
+            past = s.hist[r].to(h.dtype)  # non-finite g keep m_t
+            fin = torch.isfinite(h).all(1, keepdim=True)
+            for k, horizon in own:
+                m = s.hist[r, k]
+                m.lerp_(torch.where(fin, h, m).to(m.dtype), 1 / horizon)
+        else:
+            past = s.hist[r].to(h.dtype)
+        V = _directions(s, r, D)  # (rows, D, n)
+        W = V if Ph is None else torch.cat([V, Ph[:, None, :]], dim=1)  # P g_{t+1} as an extra row
+        gram = torch.bmm(V, W.transpose(1, 2)).float()  # (rows, D, D[+1]): one small gemm per block
+        d = torch.bmm(past, W.transpose(1, 2))[..., -1 if Ph is not None else 0].float()  # ⟨P g_{t+1}, slot⟩
+        nxt = gram[..., -1 if Ph is not None else 0]  # ⟨P g_{t+1}, v_j,t+1⟩
+        p2 = gram[:, 0, 0].sum() if Ph is None else torch.dot(Ph.reshape(-1), Ph.reshape(-1)).float()
+        gram = gram[..., :D]
+        # the directions of step t are those of step t+1 plus the stored step, for the slots that moved
+        d[:, -1] += nxt[:, -1]
+        if s.base_moment:
+            d[:, 1] += nxt[:, 1]
+        grams.append(gram)
+        dots.append(d)
+        ph2.append(p2)
+        if s.e is not None:
+            e_norms.append(torch.linalg.vector_norm(s.e[r], dim=1, dtype=torch.float32))
+    gram = torch.cat(grams)
+    ok = torch.isfinite(gram[:, 0, 0]).all()  # ‖g_row‖² is finite iff the row of g_{t+1} is
+    return gram, torch.cat(dots), torch.stack(ph2).sum(), ok, torch.cat(e_norms) if e_norms else None
+
+
+def _site_correct(s: SiteTensors, a: Tensor, valid: Tensor, opts: "GCWOptions", before) -> Tensor:
+    """Ĝ = G + Σ_j a_j V_j for one site, block by block, with the cumulative bound's EMA, g_t's slot and the
+    snapshots of w and m that `record_step` needs, all while each block is in cache."""
+    D = opts.n_dirs
+    beta = 1 - 1 / opts.horizons[-1]
+    a = a.to(s.grad.dtype)
+    one = torch.zeros_like(a)
+    one[:, 0] = 1
+    ghat = torch.empty_like(s.grad)
+    w_then, m_then = before
+    for r in _row_chunks(s, D):
+        V = _directions(s, r, D)
+        torch.bmm((a[r] + one[r])[:, None, :], V, out=ghat[r][:, None, :])  # 1·g + ΔG; exactly g where a = 0
+        if s.e is not None:
+            dG = torch.where(valid, torch.bmm(a[r][:, None, :], V)[:, 0], 0)
+            s.e[r] = s.e[r].float().mul_(beta).add_(dG, alpha=1 - beta).to(s.e.dtype)
+        s.hist[r, 0] = s.grad[r].to(s.hist.dtype)  # g_t for the next step (slot 0 was read in pass 1)
+        w_then[r] = V[:, -1]
+        if m_then is not None:
+            m_then[r] = V[:, 1]
+    return ghat
 
 
 def gcw_step(
@@ -572,7 +629,9 @@ def gcw_step(
         train: train the correctors at this step (``update_every``).
 
     Returns:
-        (per site the corrected gradient Ĝ = G + ΔG as (C, n), or None; ok (S,) bool: the gradient was finite).
+        ``(corrected, ok, before)``: per site the corrected gradient Ĝ = G + ΔG as (C, n) (or None); (S,) bool,
+        the gradient was finite; per site the weight and the base's moment as they are now, for `record_step`
+        after the base optimizer's step.
     """
     S, R, _ = state.rows.shape
     D, L, K = layout.n_dirs, layout.site, layout.rows
@@ -584,19 +643,18 @@ def gcw_step(
         if s is None:
             z = torch.zeros((), device=dev)
             passes.append(
-                (None, z.new_zeros(C, D, D), z.new_zeros(C, D), z, torch.zeros((), dtype=torch.bool, device=dev), None)
+                (z.new_zeros(C, D, D), z.new_zeros(C, D), z, torch.zeros((), dtype=torch.bool, device=dev), None)
             )
         else:
             passes.append(_site_pass(s, opts))
-    Vs = [p[0] for p in passes]
-    gram = _pad([p[1] for p in passes])  # (S, R, D, D)
-    dots = _pad([p[2] for p in passes])  # (S, R, D)
-    ph_norm = torch.stack([p[3] for p in passes]).clamp_min(0).sqrt()  # (S,)
-    ok = torch.stack([p[4] for p in passes])  # (S,)
+    gram = _pad([p[0] for p in passes])  # (S, R, D, D)
+    dots = _pad([p[1] for p in passes])  # (S, R, D)
+    ph_norm = torch.stack([p[2] for p in passes]).clamp_min(0).sqrt()  # (S,)
+    ok = torch.stack([p[3] for p in passes])  # (S,)
     e_norm = None
     if opts.cumulative_bound is not None:
         e_norm = _pad(
-            [torch.zeros(C, device=dev) if p[5] is None else p[5] for p, C in zip(passes, state.counts, strict=True)]
+            [torch.zeros(C, device=dev) if p[4] is None else p[4] for p, C in zip(passes, state.counts, strict=True)]
         )
     act = None if all(active) else torch.tensor(active, device=dev)
     if isinstance(lr_ratio, Tensor):
@@ -680,39 +738,39 @@ def gcw_step(
         dst = sv[:, L[name]]
         dst.copy_(v if act is None else torch.where(act[:, None], v, dst))
 
-    # --- the corrections themselves: one batched matmul per site
-    out = []
-    for i, (s, V, C) in enumerate(zip(sites, Vs, state.counts, strict=True)):
+    # --- the corrections themselves: a batched matmul per block of rows
+    out, before = [], []
+    for i, (s, C) in enumerate(zip(sites, state.counts, strict=True)):
         if s is None:
             out.append(None)
+            before.append(None)
             continue
-        dG = torch.where(valid[i], correction(a[i, :C], V), 0)  # (C, n)
-        if s.e is not None:
-            s.e.mul_(beta).add_(dG, alpha=1 - beta)
-        out.append(dG.add_(s.grad))
-    return out, ok
+        b = (torch.empty_like(s.grad), None if s.moment is None or not s.base_moment else torch.empty_like(s.grad))
+        out.append(_site_correct(s, a[i, :C], valid[i], opts, b))
+        before.append(b)
+    return out, ok, before
 
 
 def record_step(
     sites: list[SiteTensors | None],
-    ok: Tensor,
     before: list[tuple[Tensor, Tensor | None] | None],
     after: list[tuple[Tensor, Tensor | None] | None],
 ) -> None:
-    """After the base optimizer's step: stores g_t and the steps of the moved directions in each site's history.
+    """After the base optimizer's step: stores the steps of the directions that moved, w_t − w_{t+1} and
+    m_t − m_{t+1}, in each site's history (g_t was stored by `gcw_step`).
+
+    A non-finite gradient is stored like any other: the next step's products with it are not finite, so that
+    pair is not learnt from, and the slot is overwritten at the next step.
 
     Args:
         sites: as given to `gcw_step`.
-        ok: (S,) from `gcw_step`; a site whose gradient was not finite keeps its history as it was.
-        before: per site (weight, base moment) as they were before the base step (None: no moment yet).
+        before: from `gcw_step`: per site (weight, base moment) before the base step (moment None: none yet).
         after: per site (weight, base moment) now.
     """
-    for i, (s, b, a) in enumerate(zip(sites, before, after, strict=True)):
+    for s, b, a in zip(sites, before, after, strict=True):
         if s is None:
             continue
-        hist, keep = s.hist, ok[i]
-        hist[:, 0].copy_(torch.where(keep, s.grad, hist[:, 0]))
-        hist[:, -1].copy_(torch.where(keep, b[0] - a[0], hist[:, -1]))
-        if s.base_moment and a[1] is not None:
-            dm = -a[1] if b[1] is None else b[1] - a[1]
-            hist[:, 1].copy_(torch.where(keep, dm, hist[:, 1]))
+        for r in _row_chunks(s, s.hist.shape[1]):
+            s.hist[r, -1] = b[0][r] - a[0][r]
+            if s.base_moment and a[1] is not None:
+                s.hist[r, 1] = -a[1][r] if b[1] is None else b[1][r] - a[1][r]

@@ -335,19 +335,10 @@ class GCOptimizer(torch.optim.Optimizer):
             return loss
         t = self._step
         scale, debias = self._direction_scales(t)
-        corrected, ok = gcw_step(
+        corrected, _, before = gcw_step(
             self._layout, self.gcw, views, self._gcw, step=t, lr_ratio=self._lr_ratio(), scale=scale,
             debias=debias, train=t % self.gcw.update_every == 0,
         )  # fmt: skip
-
-        def own(x: Tensor | None, p: Tensor) -> Tensor | None:  # a copy, unless x is one already
-            shares = x is not None and x.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
-            return x.clone() if shares else x
-
-        before = [
-            None if v is None else (own(v.weight, s.param), own(v.moment, v.moment) if v.moment is not None else None)
-            for s, v in zip(self._sites, views, strict=True)
-        ]
         swapped = []
         for s, g in zip(self._sites, corrected, strict=True):
             if g is not None:
@@ -362,7 +353,7 @@ class GCOptimizer(torch.optim.Optimizer):
             None if v is None else (s.param.detach().reshape(s.rows, s.n), self._moment(s))
             for s, v in zip(self._sites, views, strict=True)
         ]
-        record_step(views, ok, before, after)
+        record_step(views, before, after)
         self._step += 1
         return loss
 
