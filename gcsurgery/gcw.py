@@ -573,7 +573,9 @@ def _site_pass(s: SiteTensors, opts: "GCWOptions"):
         dots.append(d)
         ph2.append(p2)
         if s.e is not None:
-            e_norms.append(torch.linalg.vector_norm(s.e[r], dim=1, dtype=torch.float32))
+            e_norms.append(
+                torch.linalg.vector_norm(s.e[r], dim=1, dtype=torch.promote_types(s.e.dtype, torch.float32)).float()
+            )
     gram = torch.cat(grams)
     ok = torch.isfinite(gram[:, 0, 0]).all()  # ‖g_row‖² is finite iff the row of g_{t+1} is
     return gram, torch.cat(dots), torch.stack(ph2).sum(), ok, torch.cat(e_norms) if e_norms else None

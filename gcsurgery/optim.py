@@ -217,6 +217,16 @@ class GCOptimizer(torch.optim.Optimizer):
             self.state[s.param]["site"] = self._gcw.site[i]
             self.state[s.param]["rows"] = self._gcw.rows[i, : s.rows]
 
+    _OWN = ("base", "gcw", "_step", "_lr0", "_layout", "_sites", "_gcw")
+
+    def __getstate__(self) -> dict:  # torch.optim.Optimizer keeps only defaults, state and param_groups
+        return super().__getstate__() | {k: self.__dict__[k] for k in self._OWN}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.param_groups, self._cache = self.base.param_groups, {}
+        self._link()
+
     def site_state(self, name: str) -> dict[str, Tensor]:
         """Named views of one site's GC-W state (``psi``, ``exp_avg``, ``trust_stats``, ``feats``, ``hist``...)."""
         if name not in self.sites:
