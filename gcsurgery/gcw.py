@@ -658,7 +658,7 @@ def gcw_step(
         e_norm = _pad(
             [torch.zeros(C, device=dev) if p[4] is None else p[4] for p, C in zip(passes, state.counts, strict=True)]
         )
-    act = None if all(active) else torch.tensor(active, device=dev)
+    act = None if all(active) else torch.tensor(active).to(dev, non_blocking=True)
     if isinstance(lr_ratio, Tensor):
         lr_ratio = lr_ratio.reshape(S, 1, 1)
 

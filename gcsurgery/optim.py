@@ -290,12 +290,12 @@ class GCOptimizer(torch.optim.Optimizer):
                 scale.append(sc)
                 beta.append(be)
                 offset.append(of)
-            dev = self._gcw.site.device
+            dev = self._gcw.site.device  # host-to-device copies that never wait (no stream sync on a GPU)
             self._cache.update(
                 scale_key=key,
-                scale=torch.tensor(scale, device=dev),
-                beta=torch.tensor(beta, device=dev),
-                offset=torch.tensor(offset, device=dev, dtype=torch.float32),
+                scale=torch.tensor(scale).to(dev, non_blocking=True),
+                beta=torch.tensor(beta).to(dev, non_blocking=True),
+                offset=torch.tensor(offset, dtype=torch.float32).to(dev, non_blocking=True),
             )
         c = self._cache
         debias = 1 / (1 - c["beta"] ** (c["offset"] + t).clamp_min(1))
@@ -312,7 +312,7 @@ class GCOptimizer(torch.optim.Optimizer):
                 return ratios[0]
             return torch.tensor(ratios).to(self._gcw.site.device, non_blocking=True)
         dev = self._gcw.site.device
-        return torch.stack([torch.as_tensor(r, dtype=torch.float32).to(dev) for r in ratios])
+        return torch.stack([torch.as_tensor(r, dtype=torch.float32).to(dev, non_blocking=True) for r in ratios])
 
     @torch.no_grad()
     def step(self, closure=None):
