@@ -119,6 +119,14 @@ def _preconditioner(state: dict, group: dict, shape: torch.Size) -> Tensor | Non
     return None
 
 
+def _is_sharded(p: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without torch.distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 def _moment_kind(group: dict) -> str | None:
     """'adam' when the base keeps Adam's ``exp_avg``, 'sgd' for SGD's ``momentum_buffer``, else None."""
     if isinstance(group.get("betas"), (tuple, list)):
@@ -174,6 +182,14 @@ class GCOptimizer(torch.optim.Optimizer):
             raise GCSurgeryError(
                 f"{len(missing)} trainable parameter(s) of the model are not in the base optimizer, e.g. "
                 f"{missing[:5]}; build the optimizer over all model.parameters() (or freeze those)."
+            )
+        sharded = [n for n in names if _is_sharded(named[n])]
+        if sharded:
+            raise GCSurgeryError(
+                f"the GC-W site(s) {sharded} are sharded (DTensor parameters, e.g. from FSDP2's fully_shard): GC-W's "
+                "corrector attends over all rows of a weight, and sharding splits the rows across ranks. Train a "
+                "sharded model with the base optimizer (its GC-ODE branches train as usual: the gcode arm), use DDP "
+                "for GC-W, or leave those modules unsharded and pass sites= that exclude the sharded ones."
             )
         devices = {str(named[n].device) for n in names}
         if len(devices) > 1:
