@@ -17,7 +17,7 @@ from .errors import GCSurgeryError
 from .gcw import STATS, GCWOptions, GCWState, Layout, SiteTensors, gcw_step, record_step
 from .wrappers import unwrap
 
-__all__ = ["GCOptimizer"]
+__all__ = ["GCOptimizer", "format_stats"]
 
 _DEFAULT_GCW = GCWOptions()
 
@@ -137,6 +137,38 @@ def _moment_kind(group: dict) -> str | None:
 
 
 _MOMENT_KEY = {"adam": "exp_avg", "sgd": "momentum_buffer"}
+
+
+def _state_words(d: dict[str, float], opts: GCWOptions) -> str:
+    if d.get("observations", 0.0) == 0.0 and d["ratio"] == 0.0:
+        return "no observation yet"
+    if opts.trust and d["trust"] < 1 and d["observations"] < opts.trust_warmup:
+        return f"warming up ({d['observations']:.0f} of {opts.trust_warmup} observations)"
+    if opts.trust and d["trust"] == 0:
+        why = "harmful" if d["cosine"] < 0 else "not yet significant"
+        return f"damped: trust 0.0, last cosine {d['cosine']:+.3f} ({why})"
+    bound = d["bound_scale"]
+    limited = f", bound at {bound:.2f}" if bound < 0.995 else ""
+    return f"acting: trust {d['trust']:.2f}{limited}" if opts.trust else f"acting: trust off{limited}"
+
+
+def format_stats(stats: dict[str, dict[str, float]], opts: GCWOptions = _DEFAULT_GCW) -> str:
+    """A readable table of `GCOptimizer.gc_stats` output: per site its state in words ("warming up (3 of 20
+    observations)", "damped: trust 0.0, ...", "acting: trust 0.92"), ‖ΔG‖/‖G‖, trust, bound scale and the
+    last next-gradient cosine of its proposal."""
+    if not isinstance(stats, dict) or not all(isinstance(v, dict) and "ratio" in v for v in stats.values()):
+        raise GCSurgeryError(f"format_stats takes the dict from GCOptimizer.gc_stats(), got {type(stats).__name__}.")
+    rows = [(name, _state_words(d, opts), d) for name, d in stats.items()]
+    w_name = max([len("site"), *(len(n) for n, _, _ in rows)])
+    w_state = max([len("state"), *(len(s) for _, s, _ in rows)])
+    head = f"{'site':{w_name}}  {'state':{w_state}}  {'|dG|/|G|':>8}  {'trust':>5}  {'bound':>5}  {'cosine':>7}"
+    lines = [head, "-" * len(head)]
+    for name, words, d in rows:
+        lines.append(
+            f"{name:{w_name}}  {words:{w_state}}  {d['ratio']:8.3f}  {d['trust']:5.2f}  {d['bound_scale']:5.2f}  "
+            f"{d['cosine']:+7.3f}"
+        )
+    return "\n".join(lines)
 
 
 class _Site:
@@ -394,8 +426,14 @@ class GCOptimizer(torch.optim.Optimizer):
             d = {name: float(sv[i, L[name]][0]) for name in STATS}
             coef = sv[i, L["coef"]].tolist()
             d |= {f"coef_{n}": float(x) for n, x in zip(self.gcw.direction_names, coef, strict=True)}
+            w, w2 = sv[i, L["trust_stats"]][:2].tolist()
+            d["observations"] = w * w / w2 if w2 > 0 else 0.0  # effective number of trust observations
             out[s.name] = d
         return out
+
+    def format_stats(self) -> str:
+        """`gc_stats` as an aligned table with a plain-words state per site (one host sync)."""
+        return format_stats(self.gc_stats(), self.gcw)
 
     # --- checkpoints ------------------------------------------------------------------------------
 

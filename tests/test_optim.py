@@ -484,3 +484,31 @@ def test_gcw_keeps_at_most_two_weights_worth_of_state_per_site(base):
     assert lay.site_size < 3 * 1400 + 30 and lay.rows_size == 25
     # and nothing of GC-W's lives in the base optimizer's state
     assert all(set(st) <= {"momentum_buffer", "exp_avg", "exp_avg_sq", "step"} for st in opt.base.state.values())
+
+
+# --- readable statistics -----------------------------------------------------------------------------
+
+
+def test_format_stats_says_warming_up_then_damped_in_words():
+    from gcsurgery.gcw import update_trust
+    from gcsurgery.optim import format_stats
+
+    model = tiny_cnn()
+    opt = GCOptimizer(model, torch.optim.SGD, sites=SITES, lr=0.1, momentum=0.9)
+    assert "no observation yet" in opt.format_stats()
+    train(model, opt, batches(4))
+    text = opt.format_stats()
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["site", "state"] and len(lines) == 2 + len(SITES)
+    import re
+
+    assert re.search(r"warming up \([1-3] of 20 observations\)", text)  # the pairs with a proposal so far
+    # a long record of harmful proposals: trust drops to 0 and the table says so
+    stats = opt.site_state("conv2.weight")["trust_stats"]
+    for _ in range(60):
+        stats.copy_(update_trust(stats, torch.tensor(-0.3), torch.tensor(True), beta=0.99))
+    train(model, opt, batches(1, seed=3))
+    row = next(line for line in opt.format_stats().splitlines() if line.startswith("conv2.weight"))
+    assert "damped: trust 0.0" in row and opt.gc_stats()["conv2.weight"]["observations"] > 20
+    with pytest.raises(GCSurgeryError, match="format_stats takes the dict from GCOptimizer.gc_stats"):
+        format_stats([1, 2])
