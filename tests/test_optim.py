@@ -478,7 +478,7 @@ def test_gcw_keeps_at_most_two_weights_worth_of_state_per_site(base):
     small = [opt._gcw.site, opt._gcw.rows]
     assert _bytes(big) == 2 * weights
     # plus, per site, the corrector with its Adam moments and, per row, what the hypergradient needs: a fixed
-    # ~21 kB per site and 100 B per row (0.35 |W| on ResNet-20's small sites, under 0.2 % on torchvision resnet18)
+    # 16 kB per site and 100 B per (padded) row: 0.35 |W| on ResNet-20's small sites, 0.02 |W| on resnet18's
     lay = opt._layout
     assert _bytes(small) == 4 * 3 * (lay.site_size + 64 * lay.rows_size)
     assert lay.site_size < 3 * 1400 + 30 and lay.rows_size == 25
