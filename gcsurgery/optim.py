@@ -1,40 +1,25 @@
 """GCOptimizer: GC-W (weight gradient correction) on top of any torch.optim optimizer, timm's too.
 
-At every step, for each GC-W site, the corrector turns the gradient's history into a bounded
-correction ΔG, the base optimizer steps on G + ΔG, and at the next step the corrector is trained on
-the hypergradient ``-⟨P g_{t+1}, ΔG_t⟩`` (P: the base optimizer's elementwise preconditioner, 1 for
-SGD). Corrections are damped by a per-site trust factor and a cumulative bound (see ``docs/gcw.md``).
+At every step the corrector of each GC-W site turns the gradient's history into a bounded correction ΔG,
+the base optimizer steps on G + ΔG, and at the next step the corrector is trained on the hypergradient
+``-⟨P g_{t+1}, ΔG_t⟩`` (P: the base optimizer's elementwise preconditioner, 1 for SGD). All of the math
+is `gcsurgery.gcw.gcw_step` and `record_step`; this class gathers their inputs, swaps the corrected
+gradients in around the base step, and keeps GC-W's state (see ``docs/gcw.md``).
 """
 
 import difflib
+from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
 
 from .errors import GCSurgeryError
-from .gcw import (
-    Corrector,
-    GCWOptions,
-    bounded_coefficients,
-    correction,
-    cumulative_scale,
-    direction_weights,
-    hyper_loss,
-    masked_adam_,
-    next_dots,
-    row_features,
-    row_gram,
-    row_quadratic,
-    trust_factor,
-    unit_gram,
-    update_trust,
-)
+from .gcw import STATS, GCWOptions, GCWState, Layout, SiteTensors, gcw_step, record_step
 from .wrappers import unwrap
 
-__all__ = ["GCOptimizer"]
+__all__ = ["GCOptimizer", "format_stats"]
 
 _DEFAULT_GCW = GCWOptions()
-_BUFFERS = ("V", "e", "feats", "gram", "c", "f", "raw_norm", "valid", "trust", "adam_step")
 
 
 def _site_names(net: nn.Module, sites) -> list[str]:
@@ -134,44 +119,73 @@ def _preconditioner(state: dict, group: dict, shape: torch.Size) -> Tensor | Non
     return None
 
 
-class _Site:
-    """One GC-W site: its parameter, corrector, corrector-Adam state and gradient history."""
+def _is_sharded(p: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without torch.distributed
+        return False
+    return isinstance(p, DTensor)
 
-    def __init__(self, name: str, param: nn.Parameter, group: int, opts: GCWOptions):
-        self.name, self.param, self.group = name, param, group
+
+def _moment_kind(group: dict) -> str | None:
+    """'adam' when the base keeps Adam's ``exp_avg``, 'sgd' for SGD's ``momentum_buffer``, else None."""
+    if isinstance(group.get("betas"), (tuple, list)):
+        return "adam"
+    if "nesterov" in group and isinstance(group.get("momentum"), (int, float)) and group["momentum"] > 0:
+        return "sgd"
+    return None
+
+
+_MOMENT_KEY = {"adam": "exp_avg", "sgd": "momentum_buffer"}
+
+
+def _state_words(d: dict[str, float], opts: GCWOptions) -> str:
+    if d.get("observations", 0.0) == 0.0 and d["ratio"] == 0.0:
+        return "no observation yet"
+    if opts.trust and d["trust"] < 1 and d["observations"] < opts.trust_warmup:
+        return f"warming up ({d['observations']:.0f} of {opts.trust_warmup} observations)"
+    if opts.trust and d["trust"] == 0:
+        why = "harmful" if d["cosine"] < 0 else "not yet significant"
+        return f"damped: trust 0.0, last cosine {d['cosine']:+.3f} ({why})"
+    bound = d["bound_scale"]
+    limited = f", bound at {bound:.2f}" if bound < 0.995 else ""
+    return f"acting: trust {d['trust']:.2f}{limited}" if opts.trust else f"acting: trust off{limited}"
+
+
+def format_stats(stats: dict[str, dict[str, float]], opts: GCWOptions = _DEFAULT_GCW) -> str:
+    """A readable table of `GCOptimizer.gc_stats` output: per site its state in words ("warming up (3 of 20
+    observations)", "damped: trust 0.0, ...", "acting: trust 0.92"), ‖ΔG‖/‖G‖, trust, bound scale and the
+    last next-gradient cosine of its proposal."""
+    if not isinstance(stats, dict) or not all(isinstance(v, dict) and "ratio" in v for v in stats.values()):
+        raise GCSurgeryError(f"format_stats takes the dict from GCOptimizer.gc_stats(), got {type(stats).__name__}.")
+    rows = [(name, _state_words(d, opts), d) for name, d in stats.items()]
+    w_name = max([len("site"), *(len(n) for n, _, _ in rows)])
+    w_state = max([len("state"), *(len(s) for _, s, _ in rows)])
+    head = f"{'site':{w_name}}  {'state':{w_state}}  {'|dG|/|G|':>8}  {'trust':>5}  {'bound':>5}  {'cosine':>7}"
+    lines = [head, "-" * len(head)]
+    for name, words, d in rows:
+        lines.append(
+            f"{name:{w_name}}  {words:{w_state}}  {d['ratio']:8.3f}  {d['trust']:5.2f}  {d['bound_scale']:5.2f}  "
+            f"{d['cosine']:+7.3f}"
+        )
+    return "\n".join(lines)
+
+
+class _Site:
+    """A GC-W site: which parameter, in which param group, and whether its first EMA is the base's moment."""
+
+    def __init__(self, name: str, param: nn.Parameter, group: int, kind: str | None):
+        self.name, self.param, self.group, self.kind = name, param, group, kind
         self.rows = param.shape[0]
         self.n = param.numel() // self.rows
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(opts.seed)  # CPU only; restored on exit
-            corrector = Corrector(opts.n_features, opts.n_dirs, d_model=opts.d_model, hidden=opts.hidden)
-        self.corrector = corrector.to(param.device)
-        self.params = list(self.corrector.parameters())
-        # the corrector's parameters are views of one flat vector: its Adam step is a handful of ops
-        self.flat = torch.cat([p.detach().flatten() for p in self.params])
-        offset = 0
-        for p in self.params:
-            p.data = self.flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.exp_avg = [torch.zeros_like(self.flat)]
-        self.exp_avg_sq = [torch.zeros_like(self.flat)]
-        betas = [0.0, *(1 - 1 / h for h in opts.horizons), 0.0]
-        self.ema_betas = torch.tensor(betas, device=param.device)  # (D,)
-        self.pending = False  # a correction awaits the next gradient
-        self.stats: dict[str, Tensor] = {}
-        for key in _BUFFERS:
-            setattr(self, key, None)
-
-    def init_buffers(self, opts: GCWOptions):
-        p, C, D = self.param, self.rows, opts.n_dirs
-        f32 = {"device": p.device, "dtype": torch.float32}
-        self.V = torch.zeros(C, D, self.n, device=p.device, dtype=p.dtype)  # (C, D, n): g, m_1..m_K, w
-        self.e = torch.zeros(C, self.n, device=p.device, dtype=p.dtype)  # EMA of applied ΔG
-        self.trust = torch.zeros(4, **f32)
-        self.adam_step = torch.zeros((), **f32)
 
 
 class GCOptimizer(torch.optim.Optimizer):
     """Wraps an optimizer and corrects the gradients of the GC-W sites (`docs/gcw.md`).
+
+    ``param_groups`` are the base optimizer's own (LR schedulers drive both); ``state`` is GC-W's own
+    (per site: its history and small state), like timm's Lookahead, so `torch.optim.Optimizer`'s loader
+    maps and moves it.
 
     Args:
         model: the model (gcified, or plain with explicit ``sites``); DDP, DataParallel and compiled wrappers
@@ -201,11 +215,74 @@ class GCOptimizer(torch.optim.Optimizer):
                 f"{len(missing)} trainable parameter(s) of the model are not in the base optimizer, e.g. "
                 f"{missing[:5]}; build the optimizer over all model.parameters() (or freeze those)."
             )
+        sharded = [n for n in names if _is_sharded(named[n])]
+        if sharded:
+            raise GCSurgeryError(
+                f"the GC-W site(s) {sharded} are sharded (DTensor parameters, e.g. from FSDP2's fully_shard): GC-W's "
+                "corrector attends over all rows of a weight, and sharding splits the rows across ranks. Train a "
+                "sharded model with the base optimizer (its GC-ODE branches train as usual: the gcode arm), use DDP "
+                "for GC-W, or leave those modules unsharded and pass sites= that exclude the sharded ones."
+            )
+        devices = {str(named[n].device) for n in names}
+        if len(devices) > 1:
+            raise GCSurgeryError(
+                f"the GC-W sites {names} live on several devices {sorted(devices)}; GC-W batches its sites on one "
+                "device: pass the sites of one device (or move the model)."
+            )
         super().__init__(base.param_groups, base.defaults)
         self.base, self.gcw, self._step = base, gcw, 0
-        self.param_groups, self.state = base.param_groups, base.state
+        self.param_groups = base.param_groups
+        self.state = defaultdict(dict)
         self._lr0 = [float(g.get("initial_lr", g["lr"])) for g in base.param_groups]
-        self._sites = [_Site(n, named[n], group_of[id(named[n])], gcw) for n in names]
+        self._layout = Layout.of(gcw)
+        self._sites = []
+        for n in names:
+            gi = group_of[id(named[n])]
+            self._sites.append(_Site(n, named[n], gi, _moment_kind(base.param_groups[gi])))
+        self._cache: dict = {}
+        self._reset_state()
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def _hist_dtype(self, p: Tensor) -> torch.dtype:
+        return torch.bfloat16 if self.gcw.history_dtype == "bfloat16" else p.dtype
+
+    def _reset_state(self) -> None:
+        dev = self._sites[0].param.device
+        self._gcw = GCWState.fresh(self._layout, self.gcw, [s.rows for s in self._sites], dev)
+        D = self._layout.n_dirs
+        for s in self._sites:
+            hd = self._hist_dtype(s.param)
+            st = {"hist": torch.zeros(s.rows, D, s.n, dtype=hd, device=dev)}
+            if self.gcw.cumulative_bound is not None:
+                st["e"] = torch.zeros(s.rows, s.n, dtype=hd, device=dev)
+            self.state[s.param] = st
+        self._link()
+
+    def _link(self) -> None:
+        """Points each site's ``site`` and ``rows`` entries at its slice of the stacked small state."""
+        for i, s in enumerate(self._sites):
+            self.state[s.param]["site"] = self._gcw.site[i]
+            self.state[s.param]["rows"] = self._gcw.rows[i, : s.rows]
+
+    _OWN = ("base", "gcw", "_step", "_lr0", "_layout", "_sites", "_gcw")
+
+    def __getstate__(self) -> dict:  # torch.optim.Optimizer keeps only defaults, state and param_groups
+        return super().__getstate__() | {k: self.__dict__[k] for k in self._OWN}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.param_groups, self._cache = self.base.param_groups, {}
+        self._link()
+
+    def site_state(self, name: str) -> dict[str, Tensor]:
+        """Named views of one site's GC-W state (``psi``, ``exp_avg``, ``trust_stats``, ``feats``, ``hist``...)."""
+        if name not in self.sites:
+            raise GCSurgeryError(f"unknown GC-W site {name!r}; the sites are {list(self.sites)}.")
+        st = self.state[self._sites[self.sites.index(name)].param]
+        out = {k: st["site"][sl] for k, sl in self._layout.site.items()}
+        out |= {k: st["rows"][:, sl] for k, sl in self._layout.rows.items()}
+        return out | {k: st[k] for k in ("hist", "e") if k in st}
 
     def __repr__(self) -> str:
         return f"GCOptimizer(base={type(self.base).__name__}, sites={[s.name for s in self._sites]}, gcw={self.gcw})"
@@ -214,8 +291,76 @@ class GCOptimizer(torch.optim.Optimizer):
     def sites(self) -> tuple[str, ...]:
         return tuple(s.name for s in self._sites)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group to the base optimizer (its parameters are not GC-W sites)."""
+        if "base" not in self.__dict__:  # Optimizer.__init__ registering the base's groups
+            super().add_param_group(param_group)
+            return
+        self.base.add_param_group(param_group)
+        g = self.base.param_groups[-1]
+        self._lr0.append(float(g.get("initial_lr", g["lr"])))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def _moment(self, site: _Site) -> Tensor | None:
+        if site.kind is None:
+            return None
+        v = self.base.state.get(site.param, {}).get(_MOMENT_KEY[site.kind])
+        return v.reshape(site.rows, site.n) if isinstance(v, Tensor) and v.shape == site.param.shape else None
+
+    def _direction_scales(self, t: int) -> tuple[Tensor, Tensor]:
+        """(S, D) EMA scales and de-biasing factors of the directions at step t (see `gcw_step`)."""
+        D, horizons = self._layout.n_dirs, self.gcw.horizons
+        key = []
+        for s in self._sites:
+            g = self.param_groups[s.group]
+            key.append(
+                (s.kind, float(g["momentum"]), float(g.get("dampening", 0.0)))
+                if s.kind == "sgd"
+                else (s.kind, float(g["betas"][0]), 0.0)
+                if s.kind == "adam"
+                else (None, 0.0, 0.0)
+            )
+        key = tuple(key)
+        if self._cache.get("scale_key") != key:
+            scale, beta, offset = [], [], []
+            for kind, mu, damp in key:
+                sc, be, of = [1.0] * D, [0.0] * D, [0] * D
+                own = horizons
+                if kind is not None:
+                    sc[1] = (1 - mu) / (1 - damp) if kind == "sgd" and damp < 1 else 1.0
+                    be[1], own = mu, horizons[1:]
+                for k, h in enumerate(own, start=D - 1 - len(own)):
+                    be[k], of[k] = 1 - 1 / h, 1  # GC-W's EMAs have seen g_{t+1} already
+                scale.append(sc)
+                beta.append(be)
+                offset.append(of)
+            dev = self._gcw.site.device  # host-to-device copies that never wait (no stream sync on a GPU)
+            self._cache.update(
+                scale_key=key,
+                scale=torch.tensor(scale).to(dev, non_blocking=True),
+                beta=torch.tensor(beta).to(dev, non_blocking=True),
+                offset=torch.tensor(offset, dtype=torch.float32).to(dev, non_blocking=True),
+            )
+        c = self._cache
+        debias = 1 / (1 - c["beta"] ** (c["offset"] + t).clamp_min(1))
+        return c["scale"], debias
+
+    def _lr_ratio(self) -> float | Tensor:
+        ratios = []
+        for s in self._sites:
+            g = self.param_groups[s.group]
+            lr0 = g.get("initial_lr", self._lr0[s.group])
+            ratios.append(g["lr"] / lr0 if lr0 else 1.0)
+        if all(isinstance(r, float) for r in ratios):
+            if len(set(ratios)) == 1:
+                return ratios[0]
+            return torch.tensor(ratios).to(self._gcw.site.device, non_blocking=True)
+        dev = self._gcw.site.device
+        return torch.stack([torch.as_tensor(r, dtype=torch.float32).to(dev, non_blocking=True) for r in ratios])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -223,141 +368,87 @@ class GCOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        swapped = []
-        for site in self._sites:
-            g = site.param.grad
-            if g is None:
+        views: list[SiteTensors | None] = []
+        for s in self._sites:
+            p = s.param
+            if p.grad is None:
+                views.append(None)
                 continue
-            group = self.param_groups[site.group]
-            lr0 = group.get("initial_lr", self._lr0[site.group])
-            lr_ratio = group["lr"] / lr0 if lr0 else 1.0
-            dG = self._site_step(site, g, lr_ratio)  # (C, n)
-            site.param.grad = g + dG.view(g.shape)
-            swapped.append((site.param, g))
+            st = self.state[p]
+            P = _preconditioner(self.base.state.get(p, {}), self.param_groups[s.group], p.shape)
+            views.append(
+                SiteTensors(
+                    grad=p.grad.reshape(s.rows, s.n),
+                    weight=p.detach().reshape(s.rows, s.n),
+                    moment=self._moment(s),
+                    base_moment=s.kind is not None,
+                    precond=None if P is None else P.reshape(s.rows, s.n),
+                    hist=st["hist"],
+                    e=st.get("e"),
+                )
+            )
+        if all(v is None for v in views):
+            self.base.step()
+            self._step += 1
+            return loss
+        t = self._step
+        scale, debias = self._direction_scales(t)
+        corrected, _, before = gcw_step(
+            self._layout, self.gcw, views, self._gcw, step=t, lr_ratio=self._lr_ratio(), scale=scale,
+            debias=debias, train=t % self.gcw.update_every == 0,
+        )  # fmt: skip
+        swapped = []
+        for s, g in zip(self._sites, corrected, strict=True):
+            if g is not None:
+                swapped.append((s.param, s.param.grad))
+                s.param.grad = g.view(s.param.shape)
         try:
             self.base.step()
         finally:
             for p, g in swapped:
                 p.grad = g
+        after = [
+            None if v is None else (s.param.detach().reshape(s.rows, s.n), self._moment(s))
+            for s, v in zip(self._sites, views, strict=True)
+        ]
+        record_step(views, before, after)
         self._step += 1
         return loss
 
-    def _site_step(self, site: _Site, g: Tensor, lr_ratio) -> Tensor:
-        opts, t, C = self.gcw, self._step, site.rows
-        if site.V is None:
-            site.init_buffers(opts)
-        h = g.reshape(C, site.n)  # g_{t+1}: (C, n)
-        ok = torch.isfinite(h).all()
-        if site.pending:
-            self._learn(site, h, ok, lr_ratio, train=t % opts.update_every == 0)
-        self._remember(site, h, ok)
-        return self._propose(site, ok, lr_ratio)
-
-    def _learn(self, site: _Site, h: Tensor, ok: Tensor, lr_ratio, *, train: bool):
-        """Measures the last correction against the new gradient; trains the corrector on it."""
-        opts = self.gcw
-        P = _preconditioner(self.base.state.get(site.param, {}), self.param_groups[site.group], site.param.shape)
-        Ph = h if P is None else h * P.reshape(h.shape)  # (C, n)
-        cos, norms = unit_gram(site.gram)  # of step t
-        inv = torch.where(norms > 0, 1 / norms.clamp_min(1e-30), 0)
-        B = next_dots(Ph, site.V) * inv * norms[:, :1]  # (C, D): ‖g_t‖ ⟨P g_{t+1}, v̂_j⟩
-        ph_norm = torch.linalg.vector_norm(Ph).float()
-        pair_ok = ok & site.valid & torch.isfinite(B).all() & torch.isfinite(ph_norm)
-        B = torch.where(pair_ok, B, 0)
-        row_dot = (site.c * B).sum(1)  # (C,) ⟨P g_{t+1}, ΔG_t proposed⟩ per row
-        proposed = row_dot.sum()
-        raw_norm = torch.linalg.vector_norm(site.raw_norm)
-        r = proposed / (torch.where(pair_ok, ph_norm, 0) * raw_norm).clamp_min(1e-30)
-        site.trust = update_trust(site.trust, r, pair_ok & (raw_norm > 0), beta=1 - 1 / opts.trust_horizon)
-        site.stats.update(next_grad_dot=(site.f * row_dot).sum(), proposal_dot=proposed, cosine=r)
-        if not train:
-            return
-        Z = torch.where(pair_ok, ph_norm * torch.linalg.vector_norm(norms[:, 0]), 1).clamp_min(1e-30)
-        with torch.enable_grad():
-            c = bounded_coefficients(site.corrector(site.feats), cos, rho=opts.rho)
-            loss = hyper_loss(c, B / Z)
-            grad = torch.cat([gr.flatten() for gr in torch.autograd.grad(loss, site.params)])
-        total = torch.linalg.vector_norm(grad)
-        step_ok = pair_ok & torch.isfinite(total)
-        grad = torch.where(step_ok, grad * torch.clamp(opts.clip / (total + 1e-6), max=1.0), 0)
-        masked_adam_(
-            [site.flat], [grad], site.exp_avg, site.exp_avg_sq, site.adam_step,
-            lr=opts.lr * lr_ratio, betas=opts.betas, ok=step_ok,
-        )  # fmt: skip
-        site.stats["corrector_loss"] = torch.where(step_ok, loss.detach(), 0)
-
-    def _remember(self, site: _Site, h: Tensor, ok: Tensor):
-        """Pushes g_{t+1} and W_{t+1} into the history; leaves it unchanged when g_{t+1} is not finite."""
-        V = site.V
-        h_safe = torch.where(ok, h, 0).to(V.dtype)
-        V[:, 0].copy_(torch.where(ok, h, V[:, 0]))
-        for k, horizon in enumerate(self.gcw.horizons, start=1):
-            V[:, k].lerp_(h_safe, torch.where(ok, 1 / horizon, 0).to(V.dtype))
-        V[:, -1].copy_(torch.where(ok, site.param.detach().reshape(site.rows, site.n), V[:, -1]))
-
-    def _propose(self, site: _Site, ok: Tensor, lr_ratio) -> Tensor:
-        """The correction for this step, damped by trust and the cumulative bound: (C, n)."""
-        opts, t = self.gcw, self._step
-        gram = row_gram(site.V)  # (C, D, D)
-        cos, norms = unit_gram(gram)
-        feats = row_features(gram, debias=1 / (1 - site.ema_betas ** (t + 1)), step=t, lr_ratio=lr_ratio)
-        c = bounded_coefficients(site.corrector(feats), cos, rho=opts.rho)  # (C, D)
-        raw_norm = norms[:, 0] * row_quadratic(c, cos).sqrt()  # (C,) ‖ΔG_row‖
-        tau = trust_factor(site.trust, z=opts.trust_z, warmup=opts.trust_warmup) if opts.trust else norms.new_ones(())
-        f, lam = tau.expand(site.rows), norms.new_ones(())  # f: (C,) applied fraction per row
-        if opts.cumulative_bound is not None:
-            beta = 1 - 1 / opts.horizons[-1]
-            e_norm = torch.linalg.vector_norm(site.e, dim=1).float()
-            lam = cumulative_scale(f * raw_norm, e_norm, norms[:, -2], beta=beta, bound=opts.cumulative_bound)
-            f = f * lam
-        dG = correction(direction_weights(c * f[:, None], norms), site.V)  # (C, n)
-        valid = ok & torch.isfinite(dG).all()
-        dG = torch.where(valid, dG, 0)
-        if opts.cumulative_bound is not None:
-            site.e.mul_(beta).add_(dG, alpha=1 - beta)
-        site.feats, site.gram, site.c, site.f, site.raw_norm, site.valid = feats, gram, c, f, raw_norm, valid
-        site.pending = True
-        g_norm = torch.linalg.vector_norm(norms[:, 0])
-        applied = torch.linalg.vector_norm(f * raw_norm)
-        site.stats.update(
-            ratio=torch.where(valid, applied / g_norm.clamp_min(1e-30), 0),
-            trust=tau,
-            bound_scale=lam.mean(),
-            coef=(c * f[:, None]).mean(0),
-        )
-        return dG
-
     def gc_stats(self) -> dict[str, dict[str, float]]:
-        """Per site, for logging (syncs): ``ratio`` ‖ΔG‖/‖G‖ of the last step; ``next_grad_dot``
+        """Per site, for logging (one host sync): ``ratio`` ‖ΔG‖/‖G‖ of the last step; ``next_grad_dot``
         ⟨P g_{t+1}, ΔG_t⟩ of the last pair (> 0: the applied correction lowered the next loss to first
         order; P = 1 for SGD); ``proposal_dot`` and ``cosine`` for the undamped proposal; ``trust``;
         ``bound_scale`` (mean cumulative-bound factor); ``corrector_loss``; ``coef_<direction>``."""
-        out = {}
-        for site in self._sites:
-            d = {}
-            for key, v in site.stats.items():
-                if key == "coef":
-                    d.update({f"coef_{n}": float(x) for n, x in zip(self.gcw.direction_names, v.tolist(), strict=True)})
-                else:
-                    d[key] = float(v)
-            out[site.name] = d
+        sv = self._gcw.site.detach().cpu()
+        L, out = self._layout.site, {}
+        for i, s in enumerate(self._sites):
+            d = {name: float(sv[i, L[name]][0]) for name in STATS}
+            coef = sv[i, L["coef"]].tolist()
+            d |= {f"coef_{n}": float(x) for n, x in zip(self.gcw.direction_names, coef, strict=True)}
+            w, w2 = sv[i, L["trust_stats"]][:2].tolist()
+            d["observations"] = w * w / w2 if w2 > 0 else 0.0  # effective number of trust observations
+            out[s.name] = d
         return out
 
+    def format_stats(self) -> str:
+        """`gc_stats` as an aligned table with a plain-words state per site (one host sync)."""
+        return format_stats(self.gc_stats(), self.gcw)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
     def state_dict(self) -> dict:
-        """The base optimizer's state dict plus ``"gcw"``: options, sites, step, and per site the
-        corrector, its Adam state and the gradient history."""
+        """The base optimizer's state dict plus ``"gcw"``: options, sites, step, initial lrs and GC-W's
+        per-site state, keyed by parameter index like the base's."""
         sd = self.base.state_dict()
-        sites = {}
-        for s in self._sites:
-            sites[s.name] = {
-                "corrector": s.corrector.state_dict(),
-                "exp_avg": list(s.exp_avg),
-                "exp_avg_sq": list(s.exp_avg_sq),
-                "pending": s.pending,
-                "stats": dict(s.stats),
-                **{k: getattr(s, k) for k in _BUFFERS},
-            }
-        sd["gcw"] = {"options": self.gcw.to_dict(), "step": self._step, "lr0": list(self._lr0), "sites": sites}
+        own = torch.optim.Optimizer.state_dict(self)["state"]
+        sd["gcw"] = {
+            "options": self.gcw.to_dict(),
+            "sites": list(self.sites),
+            "step": self._step,
+            "lr0": list(self._lr0),
+            "state": own,
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -370,6 +461,11 @@ class GCOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         gc = state_dict.pop("gcw", None)
         if gc is not None:
+            if not isinstance(gc, dict) or "state" not in gc:
+                raise GCSurgeryError(
+                    "this checkpoint's 'gcw' entry is not from this version of GCOptimizer (no 'state'); resume "
+                    "it with the gcsurgery version that wrote it, or load only the base state (drop 'gcw')."
+                )
             if gc["options"] != self.gcw.to_dict():
                 raise GCSurgeryError(
                     f"the checkpoint's GCWOptions {gc['options']} differ from this optimizer's {self.gcw.to_dict()}; "
@@ -387,20 +483,46 @@ class GCOptimizer(torch.optim.Optimizer):
                 f"this optimizer state does not fit the {type(self.base).__name__} over this model ({e}); it was "
                 "saved for another model or other parameter groups: build the optimizer as it was when saved."
             ) from e
-        self.param_groups, self.state = self.base.param_groups, self.base.state
+        self.param_groups = self.base.param_groups
         if gc is None:
             return
+        # torch's loader maps the saved parameter indices to parameters and moves each tensor to its parameter's
+        # device; it would also cast it to the parameter's dtype (lossy for float32 state of a bfloat16 weight),
+        # so it loads into float64 stand-ins of the parameters, and each entry then gets its own dtype back
+        stand_ins = [
+            [torch.empty(0, dtype=torch.float64, device=p.device) for p in g["params"]] for g in self.param_groups
+        ]
+        proxy = torch.optim.Optimizer([{"params": ps} for ps in stand_ins], {})
+        proxy.load_state_dict({"state": gc["state"], "param_groups": state_dict["param_groups"]})
+        real = {
+            id(x): p
+            for xs, g in zip(stand_ins, self.param_groups, strict=True)
+            for x, p in zip(xs, g["params"], strict=True)
+        }
+        loaded = {real[id(x)]: st for x, st in proxy.state.items()}
         self._step, self._lr0 = int(gc["step"]), [float(x) for x in gc["lr0"]]
+        D = self._layout.n_dirs
         for s in self._sites:
-            saved = gc["sites"][s.name]
-            dev = s.param.device
-            s.corrector.load_state_dict(saved["corrector"])
-            s.exp_avg = [x.to(dev).clone() for x in saved["exp_avg"]]
-            s.exp_avg_sq = [x.to(dev).clone() for x in saved["exp_avg_sq"]]
-            s.pending = bool(saved["pending"])
-            s.stats = {k: v.to(dev).clone() for k, v in saved["stats"].items()}
-            for k in _BUFFERS:
-                v = saved[k]
-                if isinstance(v, Tensor) and k in ("V", "e"):
-                    v = v.to(device=dev, dtype=s.param.dtype)
-                setattr(s, k, None if v is None else v.to(dev).clone())
+            st = dict(loaded.get(s.param, {}))
+            want = {"hist": (self._hist_dtype(s.param), (s.rows, D, s.n))}
+            if self.gcw.cumulative_bound is not None:
+                want["e"] = (self._hist_dtype(s.param), (s.rows, s.n))
+            want |= {"site": (torch.float32, (self._layout.site_size,))}
+            want |= {"rows": (torch.float32, (s.rows, self._layout.rows_size))}
+            if set(st) != set(want):
+                raise GCSurgeryError(
+                    f"the checkpoint's GC-W state of {s.name!r} has entries {sorted(st)}, expected {sorted(want)}; "
+                    "it was saved by another GCOptimizer configuration."
+                )
+            for k, (dtype, shape) in want.items():
+                if tuple(st[k].shape) != shape:
+                    raise GCSurgeryError(
+                        f"the checkpoint's GC-W {k!r} of {s.name!r} has shape {tuple(st[k].shape)}, expected {shape}; "
+                        "it was saved for another model."
+                    )
+                st[k] = st[k].to(dtype)
+            self.state[s.param] = st
+        site = torch.stack([self.state[s.param]["site"] for s in self._sites])
+        rows = torch.nn.utils.rnn.pad_sequence([self.state[s.param]["rows"] for s in self._sites], batch_first=True)
+        self._gcw = GCWState(site, rows, self._gcw.counts, self._gcw.mask.to(site.device))
+        self._link()

@@ -42,7 +42,7 @@ def _delta(raw, V, rho):
 def test_options_defaults_roundtrip_and_frozen():
     opts = GCWOptions()
     assert GCWOptions.from_dict(opts.to_dict()) == opts
-    assert opts.n_dirs == 4 and opts.direction_names == ("grad", "ema10", "ema100", "weight")
+    assert opts.n_dirs == 3 and opts.direction_names == ("grad", "ema10", "weight")
     custom = GCWOptions(rho=1.0, horizons=[5, 50, 500], cumulative_bound=None)
     assert custom.horizons == (5, 50, 500) and GCWOptions.from_dict(custom.to_dict()) == custom
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -62,6 +62,7 @@ def test_options_defaults_roundtrip_and_frozen():
         ({"betas": (0.9, 1.0)}, ["betas", "[0, 1)"]),
         ({"trust": 1}, ["trust", "True or False"]),
         ({"cumulative_bound": 0.0}, ["cumulative_bound", "positive"]),
+        ({"history_dtype": "float16"}, ["history_dtype", "'bfloat16' or 'param'", "'float16'"]),
     ],
 )
 def test_options_validation(kwargs, words):
@@ -285,3 +286,39 @@ def test_masked_adam_matches_adam_and_skips_exactly():
         adam.step()
     for p, q in zip(ref_params, mine, strict=True):
         torch.testing.assert_close(p.detach(), q)
+
+
+# --- all sites at once -----------------------------------------------------------------------------
+
+
+def test_batched_correctors_match_each_sites_own_corrector():
+    """`corrector_forward` on stacked parameters and padded rows is `Corrector.forward` site by site."""
+    from gcsurgery.gcw import Layout, corrector_forward
+
+    opts = GCWOptions()
+    layout = Layout.of(opts)
+    gen = torch.Generator().manual_seed(0)
+    nets = [Corrector(opts.n_features, opts.n_dirs, d_model=opts.d_model, hidden=opts.hidden) for _ in range(3)]
+    for net in nets:  # a non-zero last layer, so the outputs say something
+        torch.nn.init.normal_(net.out.weight, generator=gen)
+    psi = torch.stack([torch.cat([p.detach().flatten() for p in net.parameters()]) for net in nets])
+    counts = (5, 2, 7)
+    x = torch.randn(3, 7, opts.n_features, generator=gen)
+    mask = torch.arange(7)[None] < torch.tensor(counts)[:, None]
+    out = corrector_forward(layout, psi, x, mask)
+    for i, (net, C) in enumerate(zip(nets, counts, strict=True)):
+        torch.testing.assert_close(out[i, :C], net(x[i, :C]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_layout_holds_the_seeded_corrector_and_leaves_the_rng_alone():
+    from gcsurgery.gcw import Layout
+
+    opts = GCWOptions(seed=3)
+    before = torch.get_rng_state()
+    layout = Layout.of(opts)
+    site = layout.init_site(opts)
+    assert torch.equal(before, torch.get_rng_state())
+    torch.manual_seed(3)
+    ref = Corrector(opts.n_features, opts.n_dirs, d_model=opts.d_model, hidden=opts.hidden)
+    assert torch.equal(site[layout.site["psi"]], torch.cat([p.detach().flatten() for p in ref.parameters()]))
+    assert not site[layout.site["psi"].stop :].any()  # Adam moments, trust, flags, statistics: all zero
