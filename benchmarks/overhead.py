@@ -53,7 +53,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import gcsurgery  # noqa: E402
 from gcsurgery.errors import GCSurgeryError  # noqa: E402
-from gcsurgery.training import ARMS, build_arm, build_model, build_optimizer  # noqa: E402
+from gcsurgery.harness.arms import ARMS, build_arm, build_optimizer  # noqa: E402
+from gcsurgery.harness.models import build_model  # noqa: E402
 
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 N_BATCHES = 4  # distinct random batches the steps cycle through

@@ -12,15 +12,15 @@ images are padded to 32x32 and fed with one channel (the model is built with ``i
 Expected result: not yet measured with this recipe.
 """
 
-from train import TrainConfig, main
+from train import RunConfig, main
 
-CONFIG = TrainConfig(
+CONFIG = RunConfig(
     model="timm:resnet18",  # any name from timm.list_models()
     dataset="fashion_mnist",  # or cifar10 / folders with --data-dir
     subset=None,  # Fashion-MNIST: --data-dir, else the Debian package, else the embedded subset
     epochs=30,
     batch_size=128,
-    optimizer="adamw",
+    opt="adamw",
     lr=2e-3,
     weight_decay=0.05,
     warmup_epochs=2,
@@ -29,4 +29,4 @@ CONFIG = TrainConfig(
 )
 
 if __name__ == "__main__":
-    main(defaults=CONFIG)
+    main(defaults=CONFIG, doc=__doc__)

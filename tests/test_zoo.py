@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gcsurgery.sweep import FAMILIES_CACHE, check_model, torchvision_models
+from gcsurgery.harness.sweep import FAMILIES_CACHE, check_model, torchvision_models
 
 pytestmark = pytest.mark.slow
 

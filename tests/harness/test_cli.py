@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from gcsurgery.cli import build_model, main
+from gcsurgery.cli import main
 from gcsurgery.errors import GCSurgeryError
+from gcsurgery.harness.models import build_model
 
 
 def test_plan_prints_the_table(capsys):
@@ -32,7 +33,9 @@ def test_errors_are_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err
     assert err.startswith("gcsurgery: error: VisionTransformer has no spatial downsampling")
     assert main(["plan", "resnet18"]) == 2
-    assert "timm:NAME, torchvision:NAME or cifar_resnetDEPTH" in capsys.readouterr().err
+    assert "timm:NAME, torchvision:NAME, cifar_resnetDEPTH, cifar_plainDEPTH or package.module:factory" in (
+        capsys.readouterr().err
+    )
     assert main(["plan", "cifar_resnet20", "--input", "1,3,a"]) == 2
 
 
@@ -79,7 +82,7 @@ def test_sweep_on_selected_models(tmp_path, capsys):
 def test_sweep_takes_torchvision_input_sizes_from_the_model_then_its_weights():
     from types import SimpleNamespace
 
-    from gcsurgery.sweep import _torchvision_example
+    from gcsurgery.harness.sweep import _torchvision_example
 
     assert _torchvision_example("torchvision:inception_v3", None).shape == (1, 3, 299, 299)
     assert _torchvision_example("torchvision:vit_h_14", None).shape[-1] == 518  # the SWAG weights' size
