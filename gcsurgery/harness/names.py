@@ -95,6 +95,8 @@ def check_model_name(name: str) -> None:
         listing = "timm.list_models('PATTERN*')" if family == "timm" else "torchvision.models.list_models()"
         what = "model" if family == "timm" else "classification model"
         raise GCSurgeryError(f"{family} has no {what} {arch!r}{_suggest(base, names)} (list them with {listing})")
+    if name.endswith(".py") or ".py:" in name or "/" in name:
+        split_factory(name)  # a file path: say how to name a factory instead
     if not sep:
         pool = [f"timm:{n}" for n in known_models("timm")] + [f"torchvision:{n}" for n in known_models("torchvision")]
         pool += [f"{p}{d}" for p in CIFAR_PREFIXES for d in (20, 32, 44, 56, 110)]

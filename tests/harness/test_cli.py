@@ -58,34 +58,34 @@ def test_console_entry_point_runs():
     assert "h3" in out
 
 
-def test_sweep_on_selected_models(tmp_path, capsys):
-    js, md = tmp_path / "s.json", tmp_path / "c.md"
-    assert main(["sweep", "--models", "cifar_resnet20", "timm:test_vit", "--json", str(js), "--markdown", str(md)]) == 0
-    rows = json.loads(js.read_text())["selected"]
-    assert [r["status"] for r in rows] == ["ok", "no hierarchy"]
-    assert rows[0]["pairs"] == 3
-    assert "1/1 of those with a spatial hierarchy ok (100.0%)" in md.read_text()
-    # --resume keeps the rows it has and runs nothing more here; the commands are recorded in order
-    assert main(["sweep", "--models", "cifar_resnet20", "timm:test_vit", "--json", str(js), "--resume"]) == 0
-    again = json.loads(js.read_text())
-    assert again["selected"] == rows
-    assert again["commands"] == [
-        f"gcsurgery sweep --models cifar_resnet20 timm:test_vit --timeout 900 --json {js} --markdown {md}",
-        f"gcsurgery sweep --models cifar_resnet20 timm:test_vit --timeout 900 --json {js} --resume",
-    ]
-    # --no-run: the models missing are marked, not run, and left out of the ratio
-    models = ["cifar_resnet20", "timm:test_convnext"]
-    assert main(["sweep", "--models", *models, "--json", str(js), "--resume", "--no-run"]) == 0
-    assert [r["status"] for r in json.loads(js.read_text())["selected"]] == ["ok", "not run"]
+def test_plan_takes_num_classes_in_chans_and_factory_kwargs(capsys):
+    assert main(["plan", "timm:resnet10t", "--input", "1,1,32,32", "--num-classes", "10", "--json"]) == 0
+    import gcsurgery as gcs
+
+    plan = gcs.Plan.from_json(capsys.readouterr().out)
+    assert plan.states[0].num_chs > 0
+    assert main(["plan", "harness.factories:tiny_net", "--kwargs", '{"width": 4}', "--input", "1,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Plan for Sequential [") and "16x8x8 NCHW" in out  # width 4: 4 * width channels at /4
+    assert main(["plan", "harness.factories:tiny_net", "--kwargs", "{nope"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
 
 
-def test_sweep_takes_torchvision_input_sizes_from_the_model_then_its_weights():
-    from types import SimpleNamespace
+def test_typos_and_unsupported_forms_get_suggestions(capsys):
+    assert main(["plan", "timm:resnet5O"]) == 2
+    assert "timm has no model 'resnet5O'; did you mean resnet50" in capsys.readouterr().err
+    assert main(["plan", "torchvision:resnet5O"]) == 2
+    assert "did you mean resnet50" in capsys.readouterr().err
+    assert main(["plan", "mymodel.py"]) == 2
+    err = capsys.readouterr().err
+    assert "gcs.plan(model, example_inputs" in err and "package.module:factory" in err
 
-    from gcsurgery.harness.sweep import _torchvision_example
 
-    assert _torchvision_example("torchvision:inception_v3", None).shape == (1, 3, 299, 299)
-    assert _torchvision_example("torchvision:vit_h_14", None).shape[-1] == 518  # the SWAG weights' size
-    # built without weights, ViT-H/14 takes 224: the model's own image_size wins
-    assert _torchvision_example("torchvision:vit_h_14", SimpleNamespace(image_size=224)).shape[-1] == 224
-    assert _torchvision_example("timm:resnet18", None) is None
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "timm:resnet5O"], ["plan"]])
+def test_help_and_usage_errors_do_not_load_torch(argv):
+    code = (
+        "import sys\nfrom gcsurgery.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'timm' not in sys.modules, sorted(sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
