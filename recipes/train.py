@@ -44,8 +44,7 @@ def train(cfg: RunConfig) -> dict:
 
 def main(argv: list[str] | None = None, *, defaults: RunConfig | None = None, doc: str | None = None) -> dict:
     """Parses the command line (defaults from a recipe's `RunConfig`, ``--help`` from its ``doc``) and trains."""
-    prog = None if doc is None else sys.argv[0]
-    parser = build_parser(defaults, description=doc or __doc__, prog=prog)
+    parser = build_parser(defaults, description=doc or __doc__)
     args = parser.parse_args(argv)
     try:
         summary = train(RunConfig(**vars(args)))

@@ -116,13 +116,7 @@ def cifar_resnet(depth: int = 20, *, num_classes: int = 10, in_chans: int = 3) -
 
 
 def cifar_plain(depth: int = 20, *, num_classes: int = 10, in_chans: int = 3) -> CifarPlainNet:
-    """Builds the plain (shortcut-free) CIFAR net of depth 20, 32, 44, 56 or 110, He et al.'s baseline.
-
-    Args:
-        depth: 6n+2 layers; one of 20, 32, 44, 56, 110.
-        num_classes: size of the classifier output.
-        in_chans: input channels (1 for Fashion-MNIST).
-    """
+    """Builds He et al.'s plain (shortcut-free) twin of `cifar_resnet` (same arguments, same layers)."""
     _check("cifar_plain", depth, num_classes, in_chans)
     return CifarPlainNet(depth, num_classes=num_classes, in_chans=in_chans)
 

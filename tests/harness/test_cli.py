@@ -89,3 +89,18 @@ def test_help_and_usage_errors_do_not_load_torch(argv):
     )
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_plan_written_by_the_cli_applies_to_the_model_built_in_python(capsys):
+    import timm
+    import torch
+
+    import gcsurgery as gcs
+
+    assert main(["plan", "timm:resnet10t", "--input", "1,1,32,32", "--num-classes", "10", "--json"]) == 0
+    plan = gcs.Plan.from_json(capsys.readouterr().out)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    gm = gcs.gcify(model, plan)
+    x = torch.randn(2, 1, 32, 32)
+    model.eval(), gm.eval()
+    assert torch.equal(gm(x), model(x))
