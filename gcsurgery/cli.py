@@ -35,13 +35,12 @@ def _cmd_plan(args) -> int:
     import torch
 
     from .harness.models import build_model
+    from .harness.names import CIFAR_PREFIXES
     from .plans import plan
 
     in_chans = args.in_chans
-    if in_chans is None and shape and len(shape) > 1 and not args.model.startswith(("torchvision:", "timm:")):
-        in_chans = None  # a factory's own arguments decide; cifar nets take 3 unless told
-    elif in_chans is None and shape and len(shape) > 1 and args.model.startswith("timm:"):
-        in_chans = shape[1]  # timm builds any channel count: follow the example input
+    if in_chans is None and shape and len(shape) > 1 and args.model.startswith(("timm:", *CIFAR_PREFIXES)):
+        in_chans = shape[1]  # these build any channel count: follow the example input
     model = build_model(args.model, num_classes=args.num_classes, in_chans=in_chans, kwargs=args.kwargs)
     example = torch.randn(*shape) if shape else None
     p = plan(model, example, leaf_modules=tuple(args.leaf))

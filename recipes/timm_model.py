@@ -6,7 +6,7 @@
         --image-size 160 --arm gcgd
 
 The settings are timm-style (AdamW, warmup, label smoothing), which suits most timm architectures;
-``--optimizer sgd --lr 0.1 --weight-decay 5e-4`` gives the paper's SGD setting instead. Fashion-MNIST
+``--opt sgd --lr 0.1 --weight-decay 5e-4`` gives the paper's SGD setting instead. Fashion-MNIST
 images are padded to 32x32 and fed with one channel (the model is built with ``in_chans=1``).
 
 Expected result: not yet measured with this recipe.

@@ -69,6 +69,7 @@ def split_factory(name: str) -> tuple[str, str]:
             "gcs.gcify); on the command line, make the file importable and name its factory as "
             "package.module:factory, e.g. mymodel:build for a function build() in mymodel.py on PYTHONPATH."
         )
+    hint = hint or " Or build the model in Python and call gcs.plan(model, example_inputs=...)."
     raise GCSurgeryError(f"unknown model {name!r}; use {FORMS}.{hint}")
 
 
@@ -106,5 +107,5 @@ def check_model_name(name: str) -> None:
             if exact
             else _suggest(name, [p.partition(":")[2] or p for p in pool])
         )
-        raise GCSurgeryError(f"unknown model {name!r}; use {FORMS}{hint}")
+        raise GCSurgeryError(f"unknown model {name!r}; use {FORMS}{hint}. Or build it in Python: gcs.plan(model)")
     split_factory(name)

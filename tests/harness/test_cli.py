@@ -67,6 +67,8 @@ def test_plan_takes_num_classes_in_chans_and_factory_kwargs(capsys):
     assert main(["plan", "harness.factories:tiny_net", "--kwargs", '{"width": 4}', "--input", "1,3,32,32"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Plan for Sequential [") and "16x8x8 NCHW" in out  # width 4: 4 * width channels at /4
+    assert main(["plan", "cifar_resnet20", "--input", "1,1,32,32"]) == 0  # in_chans follows the example input
+    assert "Plan for CifarResNet" in capsys.readouterr().out
     assert main(["plan", "harness.factories:tiny_net", "--kwargs", "{nope"]) == 2
     assert "must be a JSON object" in capsys.readouterr().err
 
