@@ -81,7 +81,8 @@ def verdict_lines(*, base: float, gcgd: float, n_val: int, ref: dict) -> list[st
         f"noise of one paired difference: ±{100 * v['half_width']:.2f} points (2 sd; sd {100 * sd:.2f} = the larger "
         f"of the seed spread the benchmark measured, {100 * seed_sd:.2f}, and the sampling noise of {n_val} images, "
         f"{100 * sampling:.2f})",
-        f"verdict: {verdict}. Measured with {len(ref['seeds'])} paired seeds on 10x the data, GCGD vs SGD is "
+        f"verdict: {verdict}. Measured with {len(ref['seeds'])} paired seeds ({ref['train_size']} training / "
+        f"{ref['val_size']} validation images, {ref['epochs']} epochs), GCGD vs SGD is "
         f"{100 * bench['mean']:+.2f} ± {100 * bench['std']:.2f} val points: within noise, not a gain "
         f"({ref['source']}; README, 'Does it pay?').",
     ]

@@ -41,6 +41,9 @@ def test_shipped_reference_is_the_committed_benchmark_result():
     assert ref["test_diff"] == committed["arms"]["gcgd"]["test_diff"]
     assert ref["step_time_ratio"] == committed["arms"]["gcgd"]["step_time_ratio"]
     assert ref["seeds"] == committed["seeds"] and len(ref["seeds"]) >= 5
+    assert (ref["train_size"], ref["val_size"], ref["epochs"]) == tuple(
+        committed["config"][k] for k in ("train_size", "val_size", "epochs")
+    )
 
 
 def test_noise_is_the_larger_of_seed_spread_and_sampling():
@@ -54,6 +57,7 @@ def test_the_issue_s_one_seed_gain_reads_as_within_noise():
     assert lines[0].startswith("final val acc: baseline 83.17%, GCGD 84.83% (+1.66 points; one seed, 600")
     assert lines[1].startswith("noise of one paired difference: ±4.23 points (2 sd; sd 2.12")
     assert lines[2].startswith("verdict: within noise.") and "'Does it pay?'" in lines[2]
+    assert "5 paired seeds (10000 training / 5000 validation images, 5 epochs)" in lines[2]
     assert "+0.41 ± 1.07 val points" in lines[2] and ref["source"] in lines[2]
     assert not any("wall time" in line for line in lines)
 
