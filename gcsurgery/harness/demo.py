@@ -169,7 +169,8 @@ def _report(args, runs: dict, ratios: list[float], *, n_val: int, start: float) 
     sd = noise_sd(seed_sd=ref["final_val_diff"]["std"], acc=finals["baseline"], n_val=n_val)
     curves = {f"{LABELS[arm]}": [r["val_acc"] for r in runs[arm].history] for arm in ARMS}
     bands = {"baseline": [2 * sd] * len(curves["baseline"])}
-    title = f"Fashion-MNIST, {runs['baseline'].cfg.model}: band = baseline ± noise of a paired difference (2 sd)"
+    model = runs["baseline"].cfg.model
+    title = f"Fashion-MNIST, {model}, one seed\nband: baseline ± noise of a paired difference (2 sd)"
     plot_curves(curves, out / "demo.png", title=title, bands=bands)
     result = {
         "history": {arm: r.history for arm, r in runs.items()},
