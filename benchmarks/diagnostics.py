@@ -5,8 +5,8 @@ and after a short training.
     python benchmarks/diagnostics.py --seeds 0 --steps 5 --diag-samples 16 --out /tmp/diag   # smoke test
 
 Models: ``resnet20`` (`gcsurgery.cifar_resnet(20)`, one input channel, 28×28) and ``plain20``: the same net
-with every shortcut removed (He et al. 2016's "plain" baseline), built here from the same blocks and the same
-initial weights. Arms: ``baseline`` (SGD lr 0.1, momentum 0.9, no weight decay, batch 128, constant lr),
+with every shortcut removed (He et al. 2016's "plain" baseline, `gcsurgery.harness.models.cifar_plain`), from the
+same initial weights. Arms: ``baseline`` (SGD lr 0.1, momentum 0.9, no weight decay, batch 128, constant lr),
 ``gcode`` (`gcify`, the same SGD), ``gcw`` (`GCOptimizer` on the plan's GC-W sites) and ``gcgd`` (both). Every
 arm of a (model, seed) starts from the same weights and sees the same batches in the same order.
 
@@ -32,38 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import gcsurgery as gcs
+from gcsurgery.harness.data import load_fashion_mnist
+from gcsurgery.harness.models import cifar_plain, cifar_resnet
 
 ARMS = ("baseline", "gcode", "gcw", "gcgd")
 MODELS = ("resnet20", "plain20")
 
 
 def _load_fashion():
-    try:
-        from gcsurgery.harness.data import load_fashion_mnist
-    except ImportError:
-        from gcsurgery.data import load_fashion_mnist
     return load_fashion_mnist()
 
 
-class PlainBlock(nn.Module):
-    """A CIFAR basic block without its shortcut: relu(bn2(conv2(relu(bn1(conv1(x))))))."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
-
-    def forward(self, x):  # (B, C, H, W)
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
 def build(name: str, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = gcs.cifar_resnet(20, in_chans=1)
-    if name == "plain20":
-        for layer in (model.layer1, model.layer2, model.layer3):
-            for j in range(len(layer)):
-                layer[j] = PlainBlock(layer[j])
-    return model
+    torch.manual_seed(seed)  # the plain twin draws the same initial weights as the ResNet
+    return (cifar_plain if name == "plain20" else cifar_resnet)(20, in_chans=1)
 
 
 def build_arm(base: nn.Module, arm: str, example: torch.Tensor, lr: float, momentum: float):
@@ -273,7 +255,7 @@ def overhead(steps: int, every: int) -> dict:
     arms = {}
     for with_rec in (False, True):
         torch.manual_seed(0)
-        model = gcs.cifar_resnet(20)
+        model = cifar_resnet(20)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         rec = gcs.GradientRecorder(model, gcs.plan(model, (2, 3, 32, 32)), every=every) if with_rec else None
         arms[with_rec] = (model, opt, rec)

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gcsurgery.models import cifar_resnet
+from gcsurgery.harness.models import cifar_resnet
 from gcsurgery.optim import GCOptimizer
 
 SITES = ["layer1.2.conv2.weight", "layer2.2.conv2.weight", "layer3.2.conv2.weight"]

@@ -7,7 +7,7 @@
    and GCOptimizer's first step against SGD's (the parameters after one step).
 2. Host syncs: three train steps of gcify + GCOptimizer (bf16 autocast, channels_last) under
    ``torch.cuda.set_sync_debug_mode("error")``: any synchronising CUDA call raises.
-3. Cost: each arm (``baseline``, ``gcw``, ``gcode``, ``gcgd``, as in `gcsurgery.training`; SGD lr 0.1, momentum
+3. Cost: each arm (``baseline``, ``gcw``, ``gcode``, ``gcgd``, as in `gcsurgery.harness.arms`; SGD lr 0.1, momentum
    0.9, wd 5e-4) on torchvision resnet18 and resnet50 at 224 px, bf16 autocast, channels_last. Peak memory:
    ``torch.cuda.max_memory_allocated`` over a few steps, each arm alone on the device. Step time: CUDA events,
    the arms interleaved in rotating order for ``--rounds`` rounds of ``--steps`` steps; the time ratio is the
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(name: str, arm: str, args, device):
     import torchvision
 
-    from gcsurgery.training import build_arm, build_optimizer
+    from gcsurgery.harness.arms import build_arm, build_optimizer
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=1000)

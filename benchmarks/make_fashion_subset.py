@@ -3,22 +3,22 @@
     python benchmarks/make_fashion_subset.py [--src /usr/share/datasets/fashion-mnist] [--out gcsurgery/assets]
 
 It keeps 600 training and 100 test images of each class (6000 / 1000), chosen by
-``gcsurgery.loader.balanced_subset`` with seed 0, unchanged and in their original order, and writes
+``gcsurgery.harness.loader.balanced_subset`` with seed 0, unchanged and in their original order, and writes
 them as gzip IDX files. The same inputs give byte-identical files.
 """
 
 import argparse
 from pathlib import Path
 
-from gcsurgery.data import (
+from gcsurgery.harness.data import (
     DEBIAN_FASHION_MNIST,
     EMBEDDED_PREFIX,
     FASHION_FILES,
-    _find_fashion_files,
+    find_fashion_files,
     read_idx,
     write_idx,
 )
-from gcsurgery.loader import balanced_subset
+from gcsurgery.harness.loader import balanced_subset
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, SEED = 600, 100, 0
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--src", type=Path, default=DEBIAN_FASHION_MNIST, help="directory with the full IDX files")
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "gcsurgery" / "assets")
     args = parser.parse_args()
-    files = _find_fashion_files(args.src)
+    files = find_fashion_files(args.src)
     if files is None:
         raise SystemExit(f"no Fashion-MNIST IDX files ({', '.join(FASHION_FILES)}) in {args.src}")
     for i, per_class in ((0, TRAIN_PER_CLASS), (2, TEST_PER_CLASS)):

@@ -8,7 +8,7 @@ Models: CIFAR ResNet-20 at batch 128 on 3×32×32, torchvision ResNet-18 (1000 c
 3×64×64 (the default pair); ``torchvision:resnet18@224`` and ``torchvision:resnet50@224`` at batch 32 on
 3×224×224, the ImageNet-scale cases, e.g.
 ``python benchmarks/overhead.py --models torchvision:resnet18@224 --threads 1 --rounds 3 --steps 1``.
-Arms (as in `gcsurgery.training`): ``baseline`` (SGD, lr 0.1, momentum 0.9, wd 5e-4),
+Arms (as in `gcsurgery.harness.arms`): ``baseline`` (SGD, lr 0.1, momentum 0.9, wd 5e-4),
 ``gcw`` (`GCOptimizer` on the plan's GC-W sites of the plain model), ``gcode`` (`gcify` + SGD),
 ``gcgd`` (`gcify` + `GCOptimizer`). One step is zero_grad, forward, cross-entropy, backward, step,
 on a few fixed random batches.
@@ -56,7 +56,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import gcsurgery  # noqa: E402
 from gcsurgery.errors import GCSurgeryError  # noqa: E402
-from gcsurgery.training import ARMS, build_arm, build_model, build_optimizer  # noqa: E402
+from gcsurgery.harness.arms import ARMS, build_arm, build_optimizer  # noqa: E402
+from gcsurgery.harness.models import build_model  # noqa: E402
 
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 N_BATCHES = 4  # distinct random batches the steps cycle through

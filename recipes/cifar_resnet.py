@@ -13,9 +13,9 @@ Expected result: not measured yet (it needs the CIFAR-10 files, and at about 0.3
 smaller task is in the README.
 """
 
-from train import TrainConfig, main
+from train import RunConfig, main
 
-CONFIG = TrainConfig(
+CONFIG = RunConfig(
     model="cifar_resnet20",  # cifar_resnet56 for the deeper model of the paper
     dataset="cifar10",
     epochs=200,
@@ -29,4 +29,4 @@ CONFIG = TrainConfig(
 )
 
 if __name__ == "__main__":
-    main(defaults=CONFIG)
+    main(defaults=CONFIG, doc=__doc__)

@@ -13,9 +13,9 @@ the step time. One seed on 600 validation images: a gap of this size is within s
 README's benchmark, which pairs 3-5 seeds).
 """
 
-from train import TrainConfig, main
+from train import RunConfig, main
 
-CONFIG = TrainConfig(
+CONFIG = RunConfig(
     model="cifar_resnet20",
     dataset="fashion_mnist",
     subset="embedded",  # "full" for the 60000/10000 images (--data-dir, or apt-get install dataset-fashion-mnist)
@@ -29,4 +29,4 @@ CONFIG = TrainConfig(
 )
 
 if __name__ == "__main__":
-    main(defaults=CONFIG)
+    main(defaults=CONFIG, doc=__doc__)

@@ -6,21 +6,21 @@
         --image-size 160 --arm gcgd
 
 The settings are timm-style (AdamW, warmup, label smoothing), which suits most timm architectures;
-``--optimizer sgd --lr 0.1 --weight-decay 5e-4`` gives the paper's SGD setting instead. Fashion-MNIST
+``--opt sgd --lr 0.1 --weight-decay 5e-4`` gives the paper's SGD setting instead. Fashion-MNIST
 images are padded to 32x32 and fed with one channel (the model is built with ``in_chans=1``).
 
 Expected result: not yet measured with this recipe.
 """
 
-from train import TrainConfig, main
+from train import RunConfig, main
 
-CONFIG = TrainConfig(
+CONFIG = RunConfig(
     model="timm:resnet18",  # any name from timm.list_models()
     dataset="fashion_mnist",  # or cifar10 / folders with --data-dir
     subset=None,  # Fashion-MNIST: --data-dir, else the Debian package, else the embedded subset
     epochs=30,
     batch_size=128,
-    optimizer="adamw",
+    opt="adamw",
     lr=2e-3,
     weight_decay=0.05,
     warmup_epochs=2,
@@ -29,4 +29,4 @@ CONFIG = TrainConfig(
 )
 
 if __name__ == "__main__":
-    main(defaults=CONFIG)
+    main(defaults=CONFIG, doc=__doc__)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gcsurgery import cifar_resnet
 from gcsurgery.errors import GCSurgeryError
 from gcsurgery.gcw import GCWOptions
-from gcsurgery.models import cifar_resnet
 from gcsurgery.optim import GCOptimizer
 
 SITES = ["conv1.weight", "conv2.weight", "fc.weight"]

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import GCSurgeryError
+from ..errors import GCSurgeryError
 
 AUGMENTATIONS = ("crop_flip", "crop", "flip")
 
@@ -46,7 +46,7 @@ def split_train_val(n: int, *, val_fraction: float = 0.1, seed: int = 0) -> tupl
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def _seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (seed, epoch, stream...), stable across runs and platforms."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
@@ -182,7 +182,7 @@ class TensorLoader:
         """The example indices this rank sees in ``epoch``, in order."""
         n = len(self.labels)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(self.seed, epoch)))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
         else:
             order = torch.arange(n)
         total = self._per_rank() * self.world_size
@@ -192,7 +192,7 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = self.indices(epoch).to(self.images.device)
-        g = torch.Generator().manual_seed(_seed(self.seed, epoch, 1 + self.rank))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1 + self.rank))
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images.index_select(0, idx)  # (B, C, H, W) uint8
@@ -200,6 +200,3 @@ class TensorLoader:
                 crop, flip = self.augment in ("crop_flip", "crop"), self.augment in ("crop_flip", "flip")
                 x = random_crop_flip(x, generator=g, padding=self.crop_padding, crop=crop, flip=flip)
             yield x.float().mul_(self._scale).add_(self._shift), self.labels.index_select(0, idx)
-
-
-# --- CIFAR-10 and image folders ---------------------------------------------------------------------------------

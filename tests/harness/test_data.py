@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import gcsurgery.data as data
-from gcsurgery.data import (
+import gcsurgery.harness.data as data
+from gcsurgery.errors import GCSurgeryError
+from gcsurgery.harness.data import (
     FASHION_FILES,
     imagenet_folders,
     load_cifar10,
@@ -18,8 +19,7 @@ from gcsurgery.data import (
     read_idx,
     write_idx,
 )
-from gcsurgery.errors import GCSurgeryError
-from gcsurgery.loader import TensorLoader, balanced_subset
+from gcsurgery.harness.loader import TensorLoader, balanced_subset
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(

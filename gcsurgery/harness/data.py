@@ -4,7 +4,7 @@ Fashion-MNIST resolves in this order: an explicit ``data_dir``, the Debian packa
 (``apt-get install dataset-fashion-mnist``), torchvision's download when ``download=True``, and
 last the small class-balanced subset shipped in ``gcsurgery/assets/`` so that everything runs
 offline. The returned :class:`ImageData` says in ``source`` which one was used. Batches come from
-`gcsurgery.loader`.
+`gcsurgery.harness.loader`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import GCSurgeryError
+from ..errors import GCSurgeryError
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -70,9 +70,6 @@ class ImageData:
             f"{self.name}: {len(self.train_labels)} train / {len(self.test_labels)} test images of {shape}, "
             f"{len(self.classes)} classes, from {self.source}"
         )
-
-
-FashionMNISTData = ImageData
 
 
 # --- IDX files --------------------------------------------------------------------------------------------------
@@ -129,7 +126,7 @@ def write_idx(path: str | os.PathLike, data: torch.Tensor | np.ndarray) -> None:
 # --- Fashion-MNIST ----------------------------------------------------------------------------------------------
 
 
-def _find_fashion_files(directory: Path, prefix: str = "") -> list[Path] | None:
+def find_fashion_files(directory: Path, prefix: str = "") -> list[Path] | None:
     """The four IDX files in ``directory``, its ``raw/`` or torchvision's ``FashionMNIST/raw/``; plain or gz."""
     for d in (directory, directory / "raw", directory / "FashionMNIST" / "raw"):
         found = []
@@ -160,7 +157,7 @@ def _read_fashion(files: Sequence[Path], source: str) -> ImageData:
 
 def _embedded_fashion() -> ImageData:
     with resources.as_file(resources.files("gcsurgery") / "assets") as assets:
-        files = _find_fashion_files(assets, prefix=EMBEDDED_PREFIX)
+        files = find_fashion_files(assets, prefix=EMBEDDED_PREFIX)
         if files is None:
             raise GCSurgeryError(f"the embedded Fashion-MNIST subset is missing from {assets}; reinstall gcsurgery")
         data = _read_fashion(files, source="")
@@ -180,7 +177,7 @@ def _download_fashion(root: Path) -> list[Path]:
             "pass data_dir= with the IDX files, install dataset-fashion-mnist, or leave download=False to use "
             "the embedded subset"
         ) from e
-    files = _find_fashion_files(root)
+    files = find_fashion_files(root)
     assert files is not None, f"torchvision downloaded Fashion-MNIST but {root}/FashionMNIST/raw lacks the IDX files"
     return files
 
@@ -212,7 +209,7 @@ def load_fashion_mnist(
         return _embedded_fashion()
     if data_dir is not None:
         data_dir = Path(data_dir)
-        files = _find_fashion_files(data_dir)
+        files = find_fashion_files(data_dir)
         if files is None and download:
             files = _download_fashion(data_dir)
         if files is None:
@@ -221,7 +218,7 @@ def load_fashion_mnist(
                 "in its raw/, or in FashionMNIST/raw/ (torchvision's layout); pass download=True to fetch them there"
             )
         return _read_fashion(files, source=f"data_dir:{data_dir}")
-    files = _find_fashion_files(DEBIAN_FASHION_MNIST)
+    files = find_fashion_files(DEBIAN_FASHION_MNIST)
     if files is not None:
         return _read_fashion(files, source=f"debian:{DEBIAN_FASHION_MNIST}")
     if download:
@@ -246,8 +243,8 @@ def load_cifar10(data_dir: str | os.PathLike, *, check_md5: bool = False) -> Ima
         check_md5: verify the files against the official checksums.
 
     Returns:
-        The data, images as uint8 (N, 3, 32, 32); use `gcsurgery.loader.TensorLoader` with ``augment="crop_flip"``
-        for the standard training transforms.
+        The data, images as uint8 (N, 3, 32, 32); use `gcsurgery.harness.loader.TensorLoader` with
+        ``augment="crop_flip"`` for the standard training transforms.
 
     Raises:
         GCSurgeryError: a missing, incomplete or malformed directory, or failed checksums.

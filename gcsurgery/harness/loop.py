@@ -1,124 +1,46 @@
-"""The training loop's parts, shared by `recipes/train.py`, `gcsurgery demo` and the benchmarks.
+"""The epoch loop: schedules, per-epoch seeding, one training pass, evaluation, and the device / DDP setup.
 
-An *arm* is one way to train the same model, as compared in the paper:
-
-=========  ==========================  =====================================================
-arm        model                       optimizer
-=========  ==========================  =====================================================
-baseline   the plain model             the base optimizer
-gcw        the plain model             `GCOptimizer` on the automatic plan's GC-W sites
-gcode      `gcify(model)`              the base optimizer (it also trains the GC-ODE branches)
-gcgd       `gcify(model)`              `GCOptimizer` (GC-W and GC-ODE: the paper's GCGD)
-=========  ==========================  =====================================================
-
-Build the model under the seed first, then the arm: GC-ODE branches and GC-W correctors are
-initialised from their own seeds, so every arm starts from the same weights of the original model
-and the global RNG is left where it was.
+`gcsurgery.harness.run.Run` drives these for every recipe, benchmark and the demo.
 """
 
 import math
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import GCSurgeryError
-from .gcode import ODEOptions
-from .gcw import GCWOptions
-from .loader import _seed
-from .models import build_model
-from .optim import GCOptimizer
-from .plans import plan
-from .rewrite import gcify
-from .wrappers import unwrap
+from ..errors import GCSurgeryError
+from .loader import mix_seed
 
 __all__ = [
-    "ARMS",
-    "OPTIMIZERS",
-    "build_model",
-    "build_arm",
-    "build_optimizer",
+    "SCHEDULES",
     "cosine_schedule",
-    "seed_epoch",
-    "train_one_epoch",
     "evaluate",
     "gc_summary",
-    "plot_val_acc",
-    "unwrap",
+    "make_schedule",
+    "seed_epoch",
+    "setup_device",
+    "train_one_epoch",
 ]
 
-ARMS = ("baseline", "gcw", "gcode", "gcgd")
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-
-
-def _check_arm(arm: str) -> None:
-    if arm not in ARMS:
-        raise GCSurgeryError(f"unknown arm {arm!r}; choose one of {list(ARMS)}")
-
-
-def build_arm(
-    model: nn.Module,
-    arm: str,
-    *,
-    example_inputs: torch.Tensor,
-    ode: ODEOptions = ODEOptions(),  # noqa: B008 (frozen, hence safe)
-) -> tuple[nn.Module, tuple[str, ...]]:
-    """Prepares the model of an arm, leaving the global RNG untouched.
-
-    Args:
-        model: the plain model, on the CPU (it is copied for gcode and gcgd, left as is otherwise).
-        arm: one of `ARMS`.
-        example_inputs: an example batch for the plan, e.g. ``torch.zeros(2, C, H, W)``.
-        ode: options of the GC-ODE branches (gcode, gcgd).
-
-    Returns:
-        ``(model, sites)``: the model to train (gcified for gcode and gcgd) and the names of the
-        parameters GC-W corrects (empty for baseline and gcode).
-    """
-    _check_arm(arm)
-    if arm == "baseline":
-        return model, ()
-    with torch.random.fork_rng(devices=[]):
-        if arm == "gcw":
-            out = model
-            sites = tuple(s.param for s in plan(model, example_inputs).gcw_sites)
-        else:
-            out = gcify(model, example_inputs=example_inputs, ode=ode)
-            sites = tuple(s.param for s in out.gc_plan.gcw_sites) if arm == "gcgd" else ()
-    model.train()  # tracing may leave submodules in eval mode
-    out.train()
-    return out, sites
-
-
-def build_optimizer(
-    model: nn.Module,
-    *,
-    sites: tuple[str, ...] = (),
-    name: str = "sgd",
-    gcw: GCWOptions = GCWOptions(),  # noqa: B008 (frozen, hence safe)
-    **kwargs,
-) -> torch.optim.Optimizer:
-    """The base optimizer over all of ``model``'s parameters, wrapped in `GCOptimizer` when there are sites.
-
-    Args:
-        model: the arm's model (DDP or compiled wrappers are fine).
-        sites: GC-W parameter names from `build_arm`; empty gives the plain base optimizer.
-        name: the base optimizer, a key of `OPTIMIZERS`.
-        gcw: options of the GC-W correctors.
-        **kwargs: options of the base optimizer (lr, momentum, weight_decay, ...).
-    """
-    if name not in OPTIMIZERS:
-        raise GCSurgeryError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
-    if not sites:
-        return OPTIMIZERS[name](unwrap(model).parameters(), **kwargs)
-    return GCOptimizer(unwrap(model), OPTIMIZERS[name], sites=list(sites), gcw=gcw, **kwargs)
+SCHEDULES = ("cosine", "constant")
 
 
 def cosine_schedule(
     optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step cosine decay from the optimizer's lr to ``min_ratio`` times it, after a linear warmup."""
+    return make_schedule(optimizer, "cosine", total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_ratio)
+
+
+def make_schedule(
+    optimizer: torch.optim.Optimizer, name: str, *, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule: a linear warmup, then ``cosine`` decay to ``min_ratio`` of the lr, or ``constant``."""
+    if name not in SCHEDULES:
+        raise GCSurgeryError(f"unknown schedule {name!r}; choose one of {list(SCHEDULES)}")
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
         raise GCSurgeryError(
             f"the schedule needs total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps} and "
@@ -128,6 +50,8 @@ def cosine_schedule(
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -140,7 +64,7 @@ def seed_epoch(seed: int, epoch: int) -> None:
     Every arm and every resumed run then sees the same random draws in the same epoch, whatever
     happened before it.
     """
-    torch.manual_seed(_seed(seed, epoch, 7919))
+    torch.manual_seed(mix_seed(seed, epoch, 7919))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -166,7 +90,8 @@ def train_one_epoch(
 
     Returns:
         ``loss`` and ``acc`` (means over the examples seen), ``steps``, ``seconds`` (wall time of the
-        loop) and ``step_time`` (seconds per step).
+        loop), ``step_time`` (seconds per step), and ``cpu_seconds`` / ``cpu_step_time``, the same in this
+        process's CPU time (all its threads), which other jobs on a shared machine do not inflate.
     """
     from tqdm.auto import tqdm
 
@@ -176,7 +101,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = steps = 0
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for x, y in loader:  # (B, C, H, W), (B,)
         if steps == total:
             break
@@ -204,7 +129,7 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     bar.close()
     stats = _all_reduce([loss_sum, correct.double(), float(seen)], device)
     return {
@@ -213,6 +138,8 @@ def train_one_epoch(
         "steps": steps,
         "seconds": seconds,
         "step_time": seconds / max(steps, 1),
+        "cpu_seconds": cpu_seconds,
+        "cpu_step_time": cpu_seconds / max(steps, 1),
     }
 
 
@@ -265,21 +192,24 @@ def gc_summary(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, float]] 
     return {site: {k: d[k] for k in keep if k in d} for site, d in optimizer.gc_stats().items()}
 
 
-def plot_val_acc(curves: dict[str, list[float]], path, *, title: str = "validation accuracy") -> None:
-    """Writes a PNG of validation accuracy per epoch, one line per arm (``curves[arm][epoch]``)."""
-    import matplotlib
+def setup_device(name: str = "auto") -> tuple[torch.device, int, int]:
+    """The device and ``(rank, world_size)``, joining the process group when launched by torchrun.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    Args:
+        name: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:<i>``; under torchrun ``cuda`` means
+            the process's ``LOCAL_RANK`` device.
+    """
+    import torch.distributed as dist
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, accs in curves.items():
-        ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], marker="o", ms=3, label=label)
-    ax.set(xlabel="epoch", ylabel="val accuracy (%)", title=title)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise GCSurgeryError(f"unknown device {name!r} ({e}); use auto, cpu, cuda or cuda:<i>") from e
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world

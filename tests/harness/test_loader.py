@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gcsurgery.errors import GCSurgeryError
-from gcsurgery.loader import TensorLoader, balanced_subset, channel_stats, random_crop_flip, split_train_val
+from gcsurgery.harness.loader import TensorLoader, balanced_subset, channel_stats, random_crop_flip, split_train_val
 
 
 def test_split_train_val():

@@ -12,15 +12,18 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from ..errors import GCSurgeryError
+from .report import coverage_head, coverage_section, summarize_sweep
 
-from .errors import GCSurgeryError
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["add_arguments", "main", "check_model", "timm_families", "torchvision_models"]
+__all__ = ["add_arguments", "check_model", "format_table", "main", "timm_families", "torchvision_models"]
 
 
-FAMILIES_CACHE = Path(__file__).parent / "assets" / "timm_families.json"
+FAMILIES_CACHE = Path(__file__).resolve().parents[1] / "assets" / "timm_families.json"
 
 
 def timm_families(*, refresh: bool = False) -> dict[str, str]:
@@ -30,6 +33,7 @@ def timm_families(*, refresh: bool = False) -> dict[str, str]:
     which builds every timm model on the meta device (minutes), when timm's version differs or on `refresh`.
     """
     import timm
+    import torch
 
     if not refresh and FAMILIES_CACHE.exists():
         cached = json.loads(FAMILIES_CACHE.read_text())
@@ -64,13 +68,14 @@ def _first(y):
     return y.logits if hasattr(y, "logits") else y
 
 
-def _torchvision_example(spec: str, model) -> torch.Tensor | None:
+def _torchvision_example(spec: str, model) -> "torch.Tensor | None":
     """A torchvision model's own input size, from its weights' metadata (nothing is downloaded).
 
     A model with a fixed `image_size` keeps it: ViT-H/14 built without weights takes 224, not its weights' 518.
     """
     if not spec.startswith("torchvision:"):
         return None
+    import torch
     import torchvision
 
     size = getattr(model, "image_size", None)
@@ -84,9 +89,11 @@ def _torchvision_example(spec: str, model) -> torch.Tensor | None:
 
 def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     """Plans, gcifies and checks one model; returns a row of the coverage table."""
+    import torch
+
+    from ..plans import default_example_inputs, plan
+    from ..rewrite import gcify
     from .models import build_model
-    from .plans import default_example_inputs, plan
-    from .rewrite import gcify
 
     row = {"model": spec, "states": 0, "pairs": 0, "gcw": 0, "seconds": 0.0, "status": "", "detail": ""}
     row["exact"] = exact
@@ -148,44 +155,9 @@ def format_table(rows: list[dict]) -> str:
     )
 
 
-def summarize(rows: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    hier = [r for r in rows if r["status"] not in ("no hierarchy", "not run")]
-    ok = sum(r["status"] == "ok" for r in hier)
-    pct = 100.0 * ok / len(hier) if hier else 0.0
-    return (
-        f"{len(rows)} models: "
-        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        + f"; {ok}/{len(hier)} of those with a spatial hierarchy ok ({pct:.1f}%)"
-    )
-
-
-def to_markdown(rows: list[dict], title: str, commands: list[str] = ()) -> str:
-    """A section of docs/coverage.md; the `run` column numbers the command (in `commands`) that made the row."""
-    out = [
-        f"## {title}",
-        "",
-        summarize(rows),
-        "",
-        "| model | states | pairs | GC-W | s | run | status |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for r in rows:
-        detail = r["detail"].replace("|", "/").replace("\n", " ")[:160]
-        status = r["status"] + (f": {detail}" if detail else "") + ("" if r.get("exact", True) else " (plan only)")
-        skipped = [n.split(":")[0] for n in r.get("notes", []) if n.startswith("no hidden state")]
-        status += f" ({skipped[0].replace('no hidden state', 'no state')})" if skipped and r["status"] == "ok" else ""
-        run = commands.index(r["run"]) + 1 if r.get("run") in commands else ""
-        cells = (r["model"], r["states"], r["pairs"], r["gcw"], f"{r['seconds']:.1f}", run, status)
-        out.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(out) + "\n"
-
-
 def run_isolated(spec: str, *, exact: bool, timeout: float) -> dict:
     """`check_model` in a fresh interpreter, so a huge model's memory is returned and a hang is cut off."""
-    code = f"import json, gcsurgery.sweep as s; print(json.dumps(s.check_model({spec!r}, exact={exact!r})))"
+    code = f"import json, gcsurgery.harness.sweep as s; print(json.dumps(s.check_model({spec!r}, exact={exact!r})))"
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
@@ -272,30 +244,16 @@ def main(args) -> int:
         all_rows[title] = rows
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)
-        print(f"\n{title}\n{format_table(rows)}\n{summarize(rows)}\n")
-        md.append(to_markdown(rows, title, commands))
+        print(f"\n{title}\n{format_table(rows)}\n{summarize_sweep(rows)}\n")
+        md.append(coverage_section(rows, title, commands))
     if args.markdown:
-        Path(args.markdown).write_text(_markdown_head(commands, notes) + "\n".join(md))
+        Path(args.markdown).write_text(coverage_head(commands, notes, versions=_versions()) + "\n".join(md))
     return 0
 
 
-def _markdown_head(commands: list[str], notes: list[str]) -> str:
+def _versions() -> str:
     import timm
+    import torch
     import torchvision
 
-    versions = f"timm {timm.__version__}, torchvision {torchvision.__version__}, torch {torch.__version__}"
-    return (
-        f"# Coverage\n\nWritten by `gcsurgery sweep` ({versions}, CPU). Each model runs in its own process: `plan` "
-        "at its default input size, then `gcify` and a bit-for-bit comparison of outputs in eval and in train mode "
-        "(same RNG state), and a backward that reaches every GC-ODE parameter. Statuses: `ok`; `no hierarchy` (one "
-        "resolution level: ViTs, MLP-Mixers, refused with a GCSurgeryError that says so); `refused` (a "
-        "GCSurgeryError saying why); `mismatch`, `crash`, `timeout` (bugs or limits of the sweep). A row marked "
-        "(plan only) was planned without the exactness check. `ok (no state at reduction 8, 16)` means no node at "
-        "those reductions lies on every input-to-output path — parallel streams (HRNet, NASNet cells) or a class "
-        "token — so one GC-ODE pair spans them (docs/design.md, 'Parallel multi-resolution streams').\n\n"
-        "Commands, in order (`--resume` keeps the rows of the files before it and runs the rest; a table's `run` "
-        "column is the number of the command that made the row):\n\n"
-        + "".join(f"{i}. `{c}`\n" for i, c in enumerate(commands, 1))
-        + "".join(f"\n{n}\n" for n in notes)
-        + "\n"
-    )
+    return f"timm {timm.__version__}, torchvision {torchvision.__version__}, torch {torch.__version__}"

@@ -1,0 +1,237 @@
+"""Arms: the ways to train one model that a benchmark compares, each from a spec such as ``gcgd:ode.gate_init=0.1``.
+
+=========  ==========================  =====================================================
+arm        model                       optimizer
+=========  ==========================  =====================================================
+baseline   the plain model             the base optimizer
+gcw        the plain model             `GCOptimizer` on the automatic plan's GC-W sites
+gcode      `gcify(model)`              the base optimizer (it also trains the GC-ODE branches)
+gcgd       `gcify(model)`              `GCOptimizer` (GC-W and GC-ODE: the paper's GCGD)
+lookahead  the plain model             timm's Lookahead (k=5, alpha=0.5) over the base optimizer
+=========  ==========================  =====================================================
+
+A *variant* of gcw, gcode or gcgd changes their options: ``ARM:KEY=VALUE,...`` with keys ``ode.<field>``
+(an `ODEOptions` field), ``gcw.<field>`` (a `GCWOptions` field) and ``sites=plan|convs`` (GC-W on the
+plan's sites, or on every convolution's weight), e.g. ``gcgd:ode.gate_init=0.1,gcw.horizons=(5,50)``.
+
+Build the model under the seed first, then the arm: GC-ODE branches and GC-W correctors are initialised
+from their own seeds, so every arm starts from the same weights of the original model and the global RNG
+is left where it was.
+"""
+
+import ast
+import dataclasses
+import difflib
+import re
+
+import torch
+from torch import nn
+
+from ..errors import GCSurgeryError
+from ..gcode import ODEOptions
+from ..gcw import GCWOptions
+from ..optim import GCOptimizer
+from ..plans import plan
+from ..rewrite import gcify
+from ..wrappers import unwrap
+
+__all__ = [
+    "ALL_ARMS",
+    "ARMS",
+    "OPTIMIZERS",
+    "ArmSpec",
+    "arm_spec",
+    "build_arm",
+    "build_optimizer",
+    "check_optimizer",
+    "parse_arm",
+    "parse_options",
+]
+
+ARMS = ("baseline", "gcw", "gcode", "gcgd")  # the paper's four
+ALL_ARMS = (*ARMS, "lookahead")  # and a cheap peer
+VARIED = ("gcw", "gcode", "gcgd")  # the arms that take option overrides
+SITES = ("plan", "convs")
+LOOKAHEAD = {"k": 5, "alpha": 0.5}
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}  # the rest: timm's create_optimizer_v2 names
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmSpec:
+    """An arm and its option overrides, parsed from ``ARM[:KEY=VALUE,...]``."""
+
+    spec: str
+    arm: str
+    ode: ODEOptions = ODEOptions()  # noqa: RUF009 (frozen, hence safe)
+    gcw: GCWOptions = GCWOptions()  # noqa: RUF009
+    sites: str = "plan"
+
+    @property
+    def filename(self) -> str:
+        return "".join(c if c.isalnum() or c in "._=-" else "_" for c in self.spec)
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string option such as solver=rk4
+
+
+def _items(text: str) -> list[str]:
+    return list(filter(None, re.split(r",(?=[\w.]+=)", text)))  # a comma inside a value, as in (5,50), stays
+
+
+def parse_options(text: str, options: type, *, what: str) -> dict:
+    """``KEY=VALUE,...`` as a dict of fields of the dataclass ``options`` (``--gcw`` and ``--ode`` of the recipes).
+
+    Values are Python literals (``0.1``, ``(5,50)``, ``True``) or bare words (``rk4``); ``seed`` comes from
+    the run's seed and cannot be set here.
+    """
+    fields = {f.name for f in dataclasses.fields(options)} - {"seed"}
+    out = {}
+    for item in _items(text):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise GCSurgeryError(
+                f"{what}: cannot read {item!r}; write KEY=VALUE,... with KEY one of {sorted(fields)}, "
+                f"e.g. {what} {sorted(fields)[0]}=..."
+            )
+        out[key] = _literal(value)
+    return out
+
+
+def parse_arm(spec: str, *, seed: int = 0) -> ArmSpec:
+    """The `ArmSpec` of ``spec`` with the option seeds set to ``seed``; GCSurgeryError on a bad spec."""
+    arm, _, rest = spec.partition(":")
+    if arm not in ALL_ARMS:
+        raise GCSurgeryError(f"unknown arm {arm!r} in {spec!r}; choose one of {list(ALL_ARMS)}, e.g. gcgd:gcw.lr=0.01")
+    if rest and arm not in VARIED:
+        raise GCSurgeryError(f"{spec!r}: only {list(VARIED)} take options; write {arm!r} alone")
+    over = {"ode": {"seed": seed}, "gcw": {"seed": seed}}
+    sites = "plan"
+    for item in _items(rest):
+        key, eq, value = item.partition("=")
+        group, dot, field = key.partition(".")
+        fields = {f.name for f in dataclasses.fields(ODEOptions if group == "ode" else GCWOptions)} - {"seed"}
+        if key == "sites" and eq and value in SITES:
+            sites = value
+        elif eq and dot and group in over and field in fields:
+            over[group][field] = _literal(value)
+        else:
+            raise GCSurgeryError(
+                f"{spec!r}: cannot read {item!r}; write KEY=VALUE with KEY sites ({'|'.join(SITES)}), ode.<field> "
+                f"(fields of ODEOptions) or gcw.<field> (fields of GCWOptions), e.g. gcgd:ode.gate_init=0.1"
+            )
+    if sites != "plan" and arm == "gcode":
+        raise GCSurgeryError(f"{spec!r}: sites= sets GC-W sites, which the gcode arm has none of; use gcw or gcgd")
+    return ArmSpec(spec, arm, ODEOptions(**over["ode"]), GCWOptions(**over["gcw"]), sites)
+
+
+def arm_spec(cfg) -> ArmSpec:
+    """The `ArmSpec` of a `RunConfig`: its ``arm`` with the run's seed, and ``gcw`` / ``ode`` options on top."""
+    spec = parse_arm(cfg.arm, seed=cfg.seed)
+    groups = {"gcw": (cfg.gcw, GCWOptions, ("gcw", "gcgd")), "ode": (cfg.ode, ODEOptions, ("gcode", "gcgd"))}
+    for group, (text, options, arms) in groups.items():
+        if not text:
+            continue
+        if spec.arm not in arms:
+            raise GCSurgeryError(
+                f"--{group} {text!r} sets options of the {' and '.join(arms)} arms, but the arm is {spec.arm!r}; "
+                f"pass --arm {arms[-1]} (or drop --{group})"
+            )
+        spec = dataclasses.replace(
+            spec,
+            **{group: dataclasses.replace(getattr(spec, group), **parse_options(text, options, what=f"--{group}"))},
+        )
+    return spec
+
+
+def build_arm(
+    model: nn.Module,
+    arm: "str | ArmSpec",
+    *,
+    example_inputs: torch.Tensor,
+    ode: ODEOptions | None = None,
+) -> tuple[nn.Module, tuple[str, ...]]:
+    """Prepares the model of an arm, leaving the global RNG untouched.
+
+    Args:
+        model: the plain model, on the CPU (it is copied for gcode and gcgd, left as is otherwise).
+        arm: an arm name (`ALL_ARMS`) or a parsed `ArmSpec`.
+        example_inputs: an example batch for the plan, e.g. ``torch.zeros(2, C, H, W)``.
+        ode: options of the GC-ODE branches (gcode, gcgd); default: the spec's.
+
+    Returns:
+        ``(model, sites)``: the model to train (gcified for gcode and gcgd) and the names of the
+        parameters GC-W corrects (empty for baseline, gcode and lookahead).
+    """
+    spec = arm if isinstance(arm, ArmSpec) else parse_arm(arm)
+    if spec.arm in ("baseline", "lookahead"):
+        return model, ()
+    with torch.random.fork_rng(devices=[]):
+        if spec.arm == "gcw":
+            out = model
+            sites = tuple(s.param for s in plan(model, example_inputs).gcw_sites)
+        else:
+            out = gcify(model, example_inputs=example_inputs, ode=ode or spec.ode)
+            sites = tuple(s.param for s in out.gc_plan.gcw_sites) if spec.arm == "gcgd" else ()
+    if sites and spec.sites == "convs":  # gcify keeps the original parameter names
+        sites = tuple(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    model.train()  # tracing may leave submodules in eval mode
+    out.train()
+    return out, sites
+
+
+def check_optimizer(name: str) -> None:
+    """GCSurgeryError unless ``name`` is sgd, adamw or one of timm's optimizer names, with close matches."""
+    if name in OPTIMIZERS:
+        return
+    import timm.optim
+
+    names = timm.optim.list_optimizers()
+    if name not in names:
+        close = difflib.get_close_matches(name, [*OPTIMIZERS, *names], n=3)
+        raise GCSurgeryError(
+            f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)} (torch.optim) or a name of "
+            f"timm.optim.list_optimizers()" + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    sites: tuple[str, ...] = (),
+    name: str = "sgd",
+    gcw: GCWOptions | None = None,
+    lookahead: bool = False,
+    **kwargs,
+) -> torch.optim.Optimizer:
+    """The base optimizer over all of ``model``'s parameters, wrapped in `GCOptimizer` when there are sites.
+
+    Args:
+        model: the arm's model (DDP or compiled wrappers are fine).
+        sites: GC-W parameter names from `build_arm`; empty gives the plain base optimizer.
+        name: ``sgd`` or ``adamw`` (torch.optim, over one parameter group) or any other name timm's
+            ``create_optimizer_v2`` knows (``lamb``, ``lion``, ...; timm's parameter groups).
+        gcw: options of the GC-W correctors.
+        lookahead: wrap the result in timm's Lookahead (k=5, alpha=0.5).
+        **kwargs: options of the base optimizer (lr, momentum, weight_decay, ...).
+    """
+    check_optimizer(name)
+    bare = unwrap(model)
+    if name in OPTIMIZERS:
+        base = OPTIMIZERS[name]
+        opt = GCOptimizer(bare, base, sites=list(sites), gcw=gcw or GCWOptions(), **kwargs) if sites else None
+        opt = opt or base(bare.parameters(), **kwargs)
+    else:
+        from timm.optim import create_optimizer_v2
+
+        kwargs.pop("nesterov", None)  # timm's names say it: sgd is Nesterov, momentum is not
+        base = create_optimizer_v2(bare, opt=name, **kwargs)
+        opt = GCOptimizer(bare, base, sites=list(sites), gcw=gcw or GCWOptions()) if sites else base
+    if lookahead:
+        from timm.optim import Lookahead
+
+        opt = Lookahead(opt, **LOOKAHEAD)
+    return opt

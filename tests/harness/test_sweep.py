@@ -1,0 +1,38 @@
+"""`gcsurgery sweep` and its parts: the coverage rows, the Markdown, the torchvision input sizes."""
+
+import json
+
+from gcsurgery.cli import main
+
+
+def test_sweep_on_selected_models(tmp_path, capsys):
+    js, md = tmp_path / "s.json", tmp_path / "c.md"
+    assert main(["sweep", "--models", "cifar_resnet20", "timm:test_vit", "--json", str(js), "--markdown", str(md)]) == 0
+    rows = json.loads(js.read_text())["selected"]
+    assert [r["status"] for r in rows] == ["ok", "no hierarchy"]
+    assert rows[0]["pairs"] == 3
+    assert "1/1 of those with a spatial hierarchy ok (100.0%)" in md.read_text()
+    # --resume keeps the rows it has and runs nothing more here; the commands are recorded in order
+    assert main(["sweep", "--models", "cifar_resnet20", "timm:test_vit", "--json", str(js), "--resume"]) == 0
+    again = json.loads(js.read_text())
+    assert again["selected"] == rows
+    assert again["commands"] == [
+        f"gcsurgery sweep --models cifar_resnet20 timm:test_vit --timeout 900 --json {js} --markdown {md}",
+        f"gcsurgery sweep --models cifar_resnet20 timm:test_vit --timeout 900 --json {js} --resume",
+    ]
+    # --no-run: the models missing are marked, not run, and left out of the ratio
+    models = ["cifar_resnet20", "timm:test_convnext"]
+    assert main(["sweep", "--models", *models, "--json", str(js), "--resume", "--no-run"]) == 0
+    assert [r["status"] for r in json.loads(js.read_text())["selected"]] == ["ok", "not run"]
+
+
+def test_sweep_takes_torchvision_input_sizes_from_the_model_then_its_weights():
+    from types import SimpleNamespace
+
+    from gcsurgery.harness.sweep import _torchvision_example
+
+    assert _torchvision_example("torchvision:inception_v3", None).shape == (1, 3, 299, 299)
+    assert _torchvision_example("torchvision:vit_h_14", None).shape[-1] == 518  # the SWAG weights' size
+    # built without weights, ViT-H/14 takes 224: the model's own image_size wins
+    assert _torchvision_example("torchvision:vit_h_14", SimpleNamespace(image_size=224)).shape[-1] == 224
+    assert _torchvision_example("timm:resnet18", None) is None
