@@ -272,7 +272,8 @@ def test_recorder_cos_dG_next_matches_the_correction_read_off_the_weights(tiny_r
         dG = corrections[t]
         assert d["ratio"] == pytest.approx(float(dG.norm() / grads[t].norm()), rel=1e-4)
         expected = float(F.cosine_similarity(dG.flatten(), grads[t + 1].flatten(), dim=0))
-        assert d["cos_dG_next"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        # GC-W forms <g_t+1, dG_t> from its bfloat16 history (docs/gcw.md), so the cosine agrees to about 1%
+        assert d["cos_dG_next"] == pytest.approx(expected, rel=1e-2, abs=1e-4)
         checked += 1
     assert checked >= 2
 
