@@ -7,8 +7,9 @@ from .gcode import GCODE, ODEOptions
 from .gcw import GCWOptions
 from .models import cifar_resnet
 from .optim import GCOptimizer
-from .plans import GCWSite, Plan, State, plan
+from .plans import GCWSite, Plan, State
 from .rewrite import gcify, is_gcified, strip
+from .stages import plan
 from .wrappers import unwrap
 
 __all__ = [

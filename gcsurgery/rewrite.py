@@ -16,8 +16,9 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
 from ._version import __version__
 from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
+from .layouts import spatial_size
 from .plans import Plan, fingerprint
-from .plans import plan as make_plan
+from .stages import plan as make_plan
 from .trace import check_bare, check_leaf_modules, preserve_modes, trace
 from .wrappers import wrapper_attr
 
@@ -130,15 +131,6 @@ def _check_plan(model: nn.Module, plan: Plan, graphs) -> None:
         raise GCSurgeryError("the plan inserts nothing (no GC-ODE pairs, no GC-W sites); use the model as it is.")
 
 
-def _spatial(state) -> tuple[int, int]:
-    if state.layout == "NCHW":
-        return state.shape[1], state.shape[2]
-    if state.layout == "NHWC":
-        return state.shape[0], state.shape[1]
-    side = int(round(state.shape[0] ** 0.5))
-    return side, side
-
-
 def _insert_branches(graph: fx.Graph, plan: Plan) -> None:
     nodes = {n.name: n for n in graph.nodes}
     current = {i: nodes[s.node] for i, s in enumerate(plan.states)}
@@ -214,8 +206,8 @@ def gcify(
             GCODE(
                 src.num_chs,
                 dst.num_chs,
-                _spatial(src),
-                _spatial(dst),
+                spatial_size(src.layout, src.shape),
+                spatial_size(dst.layout, dst.shape),
                 in_layout=src.layout,
                 out_layout=dst.layout,
                 options=options,

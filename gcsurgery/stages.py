@@ -1,11 +1,7 @@
-"""Pass 2: shapes, layouts and the dataflow graph; where the stages of a CNN begin and end.
+"""Stages: the dataflow graph, its cut nodes, where the stages of a CNN begin and end, and the planner.
 
-One shape propagation gives every node's output shape. Each 4-D (or square-token 3-D) tensor gets a
-layout (NCHW, NHWC or NLC) and a spatial size, hence a *reduction* relative to the input, rounded to a
-power of two (Inception's 8.5/17.6/37.4 become 8/16/32). The dataflow is a `networkx.DiGraph`; *cut
-nodes* are the nodes every input→output path passes through, i.e. the dominators of the output.
-
-Hidden states are cut nodes:
+The dataflow is a `networkx.DiGraph` of the traced graph; *cut nodes* are the nodes every input→output path
+passes through, i.e. the dominators of the output. Hidden states are cut nodes:
 - for each resolution level, the state is the cut node just before the *block* that holds the first
   downsampling op out of that level, where the block is the innermost module scope around that op that
   starts after the previous state (so EfficientNet's next expansion conv and DenseNet's transition conv
@@ -15,46 +11,37 @@ Hidden states are cut nodes:
   is itself the stem output (ResNet's `act1`, as timm's `feature_info` has it).
 The GC-W site of state `h_i` (i ≥ 1) is the last weighted layer on the longest path (in weighted layers)
 from `h_{i-1}` to `h_i`: the main path, not a projection shortcut.
+
+`plan(model)` builds the automatic plan: trace → shapes → stages → `Plan`.
 """
 
 import dataclasses
-import math
 
 import networkx as nx
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import GCSurgeryError
+from .plans import GCWSite, Plan, State, fingerprint
+from .shapes import NodeInfo, holds_tensor, propagate
+from .trace import preserve_modes, trace
 
-__all__ = ["Analysis", "NodeInfo", "analyze"]
-
-PERMUTE_TO_NHWC = (0, 2, 3, 1)
-PERMUTE_TO_NCHW = (0, 3, 1, 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeInfo:
-    """What the analysis knows of one node's output."""
-
-    shape: tuple[int, ...] | None  # full tensor shape, batch included; None for non-tensors
-    layout: str | None = None  # "NCHW" | "NHWC" | "NLC" for spatial tensors
-    hw: tuple[int, int] | None = None
-    reduction: int | None = None  # input size / spatial size, rounded to a power of two
-
-    @property
-    def channels(self) -> int | None:
-        if self.layout == "NCHW":
-            return self.shape[1]
-        if self.layout in ("NHWC", "NLC"):
-            return self.shape[-1]
-        return None
+__all__ = [
+    "StateInfo",
+    "Stages",
+    "check_example_inputs",
+    "cut_nodes",
+    "dataflow_graph",
+    "default_example_inputs",
+    "find_stages",
+    "plan",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class StateInfo:
+    """A hidden state found in the graph, and the GC-W site of the stage it ends."""
+
     node: str
     module: str
     info: NodeInfo
@@ -63,145 +50,14 @@ class StateInfo:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Analysis:
-    gm: fx.GraphModule
-    dataflow: nx.DiGraph
-    infos: dict[str, NodeInfo]
-    cut_nodes: tuple[str, ...]
+class Stages:
+    """What `find_stages` found: the hidden states and notes for the plan."""
+
     states: tuple[StateInfo, ...]
     notes: tuple[str, ...]
 
 
-# -- shapes and layouts -----------------------------------------------------------------------------------
-
-
-def _shape_of(node: fx.Node):
-    meta = node.meta.get("val", node.meta.get("tensor_meta"))
-    return tuple(meta.shape) if isinstance(meta, torch.Tensor) or hasattr(meta, "dtype") else None
-
-
-def _reduction(in_hw, hw) -> int:
-    ratio = math.sqrt((in_hw[0] * in_hw[1]) / (hw[0] * hw[1]))
-    return 2 ** max(0, round(math.log2(ratio))) if ratio > 0 else 1
-
-
-def _plausible(in_hw, h, w) -> bool:
-    """Whether (h, w) can be a spatial size of a network fed `in_hw` (same aspect ratio, not larger).
-
-    Halving a size k times rounds it down or up, which skews the aspect ratio of small maps: a 22x32 input has
-    2x4 maps at /8 (ratios 11 and 8), so those sizes count too.
-    """
-    if h < 1 or w < 1 or h > in_hw[0] or w > in_hw[1]:
-        return False
-    rh, rw = in_hw[0] / h, in_hw[1] / w
-    if max(rh, rw) / min(rh, rw) < 1.35 or (h <= 2 and w <= 2):
-        return True
-    n, m = in_hw
-    return any(h in (n >> k, -(-n >> k)) and w in (m >> k, -(-m >> k)) for k in range(1, max(n, m).bit_length()))
-
-
-def _permute_dims(node: fx.Node):
-    dims = None
-    if node.op == "call_method" and node.target == "permute":
-        dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else None
-        dims = dims or node.kwargs.get("dims")
-    elif node.op == "call_function" and node.target is torch.permute:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
-    return tuple(dims) if isinstance(dims, list | tuple) and all(isinstance(d, int) for d in dims) else None
-
-
-def _infer_layout(node, shape, in_hw, parent_layout):
-    """Layout of a tensor from its shape, the producing op and the layout of its first tensor input."""
-    if len(shape) == 4:
-        _, a, b, c = shape
-        nchw, nhwc = _plausible(in_hw, b, c), _plausible(in_hw, a, b)
-        dims = _permute_dims(node)
-        if dims is not None and parent_layout in ("NCHW", "NHWC"):
-            flipped = {PERMUTE_TO_NHWC: "NHWC", PERMUTE_TO_NCHW: "NCHW"}.get(tuple(d % 4 for d in dims))
-            if flipped and (nhwc if flipped == "NHWC" else nchw):
-                return flipped
-        if nchw and nhwc:
-            if parent_layout in ("NCHW", "NHWC"):
-                return parent_layout
-            return "NCHW" if c > 1 or a == 1 else "NHWC"
-        if nchw:
-            return "NCHW"
-        if nhwc:
-            return "NHWC"
-        return None
-    if len(shape) == 3 and parent_layout in ("NCHW", "NHWC", "NLC"):
-        side = math.isqrt(shape[1])
-        if side * side == shape[1] and side > 1 and _plausible(in_hw, side, side):
-            return "NLC"
-    return None
-
-
-def _hw(layout, shape):
-    if layout == "NCHW":
-        return shape[2], shape[3]
-    if layout == "NHWC":
-        return shape[1], shape[2]
-    side = math.isqrt(shape[1])
-    return side, side
-
-
-def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = False) -> dict[str, NodeInfo]:
-    """Runs the model once on `example` (no grad; eval mode unless `training`) and describes every node's output."""
-    was_training = gm.training
-    gm.train(training)
-    try:
-        with torch.no_grad():
-            try:  # fake tensors: shapes without compute
-                FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(example)
-            except Exception:
-                for node in gm.graph.nodes:
-                    node.meta.pop("val", None)
-                ShapeProp(gm).propagate(example)
-    except Exception as e:
-        raise GCSurgeryError(
-            f"running {type(gm).__name__} on an example input of shape {tuple(example.shape)} failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-            f"Pass example_inputs= of the size the model expects (e.g. torch.randn(2, 3, 224, 224))."
-        ) from e
-    finally:
-        gm.train(was_training)
-    in_hw = tuple(example.shape[-2:])
-    infos: dict[str, NodeInfo] = {}
-    flat: set[str] = set()
-    for node in gm.graph.nodes:
-        shape = _shape_of(node)
-        if shape is None:
-            infos[node.name] = NodeInfo(None)
-            continue
-        if node.op != "placeholder" and (not shape or shape[0] != example.shape[0]):
-            infos[node.name] = NodeInfo(shape)  # batch folded with windows, heads or TNT's pixel tokens: no state
-            continue
-        parent = next((a for a in node.all_input_nodes if infos.get(a.name, NodeInfo(None)).layout), None)
-        parent_layout = infos[parent.name].layout if parent is not None else None
-        if parent is None and any(a.name in flat for a in node.all_input_nodes):
-            parent_layout = "NLC"  # the transpose of a flattened feature map (B, C, H*W) is tokens
-        if parent_layout == "NCHW" and shape == (*infos[parent.name].shape[:2], math.prod(infos[parent.name].hw)):
-            infos[node.name] = NodeInfo(shape)
-            flat.add(node.name)  # (B, C, H*W): a flattened feature map, not tokens, even where C is a square
-            continue
-        layout = "NCHW" if node.op == "placeholder" else _infer_layout(node, shape, in_hw, parent_layout)
-        if layout is None:
-            infos[node.name] = NodeInfo(shape)
-            continue
-        hw = _hw(layout, shape)
-        infos[node.name] = NodeInfo(shape, layout, hw, _reduction(in_hw, hw))
-    return infos
-
-
 # -- the dataflow graph and its cut nodes -----------------------------------------------------------------
-
-
-def _holds_tensor(value) -> bool:
-    if isinstance(value, torch.Tensor) or type(value).__name__ == "TensorMetadata":
-        return True
-    if isinstance(value, list | tuple):
-        return any(_holds_tensor(v) for v in value)
-    return isinstance(value, dict) and any(_holds_tensor(v) for v in value.values())
 
 
 def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -216,7 +72,7 @@ def dataflow_graph(gm: fx.GraphModule) -> nx.DiGraph:
         if n.op == "get_attr":
             return True
         meta = n.meta.get("val", n.meta.get("tensor_meta"))
-        return propagated and n.op not in ("placeholder", "output") and not _holds_tensor(meta)
+        return propagated and n.op not in ("placeholder", "output") and not holds_tensor(meta)
 
     g = nx.DiGraph()
     for i, node in enumerate(gm.graph.nodes):
@@ -290,7 +146,7 @@ def _owner_module(node: fx.Node) -> str:
     return _module_path(node)
 
 
-def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
+def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
     """Finds hidden states and GC-W sites of a traced CNN. See the module docstring for the rules."""
     infos = propagate(gm, example)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -328,7 +184,7 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
     any_levels = [lv for lv in any_levels if lv >= levels[0]]
     if len(levels) < 2 and len(any_levels) < 2:  # isotropic (ViTs without a class token, ConvMixer): no pairs
         _refuse(gm, example, any_levels or levels, "")
-    downsamplers = _downsampling_ops(gm, g, infos, nodes)
+    downsamplers = _downsampling_ops(g, infos, nodes)
     scopes = _scope_index(nodes)
 
     states: list[str] = []
@@ -370,7 +226,7 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor) -> Analysis:
         site = _last_weighted(g, weighted, states[i - 1], name, order) if i > 0 else None
         mod = _owner_module(nodes[site]) if site else None
         result.append(StateInfo(name, _owner_module(nodes[name]), infos[name], mod, weighted[site] if site else None))
-    return Analysis(gm, g, infos, tuple(cuts), tuple(result), tuple(notes))
+    return Stages(tuple(result), tuple(notes))
 
 
 def _refuse(gm, example, levels: list[int], why: str):
@@ -397,7 +253,7 @@ def _spatial_inputs(node, infos):
     return [a.name for a in node.all_input_nodes if infos.get(a.name) and infos[a.name].reduction is not None]
 
 
-def _downsampling_ops(gm, g, infos, nodes) -> list[str]:
+def _downsampling_ops(g, infos, nodes) -> list[str]:
     """Nodes whose output is at a coarser resolution level than all their spatial inputs."""
     out = []
     for name in g.nodes:
@@ -439,11 +295,6 @@ def _block_start(d: fx.Node, scopes, order, weighted, infos, level: int, *, floo
     return start
 
 
-def _in_scope(node: fx.Node, scope: str) -> bool:
-    path = _owner_module(node)
-    return path == scope or path.startswith(scope + ".")
-
-
 def _stem_output(gm, g, nodes, body, order) -> str | None:
     """End of the chain that starts at the first weighted layer: norms, activations and pools up to a fork."""
     first = next((n for n in body if _weight_of(gm, nodes[n])), None)
@@ -473,3 +324,140 @@ def _last_weighted(g, weighted, src: str, dst: str, order) -> str | None:
         depth[n] = depth[p] + (1 if weighted.get(n) else 0)
         best[n] = n if weighted.get(n) else best[p]
     return best.get(dst)
+
+
+# -- the planner -----------------------------------------------------------------------------------------
+
+
+def default_example_inputs(model: nn.Module) -> torch.Tensor:
+    """An example batch: timm's `pretrained_cfg["input_size"]` when the model has one, else 1x3x224x224."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    return torch.randn(1, *size)
+
+
+def _check_channels(gm, example: torch.Tensor) -> None:
+    """A convolution that reads the input directly must take the example's channel count."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.Conv2d):
+                if mod.in_channels != example.shape[1]:
+                    raise GCSurgeryError(
+                        f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the "
+                        f"model's first convolution {node.target!r} expects {mod.in_channels}; "
+                        f"pass an input with {mod.in_channels} channels."
+                    )
+                return
+
+
+def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
+    """Validates (or builds, from a shape) the example batch for tracing and shape propagation."""
+    if example is None:
+        return default_example_inputs(model)
+    if isinstance(example, tuple | list) and all(isinstance(d, int) for d in example):
+        example = torch.randn(*example)
+    if isinstance(example, tuple | list) and len(example) == 1 and isinstance(example[0], torch.Tensor):
+        example = example[0]
+    if not isinstance(example, torch.Tensor):
+        raise GCSurgeryError(
+            f"example_inputs must be a tensor (or a shape tuple), got {type(example).__name__}; "
+            "pass e.g. torch.randn(2, 3, 224, 224)."
+        )
+    if example.dim() != 4:
+        raise GCSurgeryError(
+            f"example_inputs must be a 4-D image batch (B, C, H, W), got shape {tuple(example.shape)}; "
+            "add the batch dimension with x.unsqueeze(0) or pass e.g. torch.randn(2, 3, 224, 224)."
+        )
+    if not example.is_floating_point():
+        raise GCSurgeryError(f"example_inputs must be floating point, got {example.dtype}; use x.float().")
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        if not param.is_floating_point():
+            raise GCSurgeryError(f"the model's parameters are {param.dtype}; gcsurgery needs a float model.")
+        example = example.to(device=param.device, dtype=param.dtype)
+    return example
+
+
+def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
+    info = getattr(model, "feature_info", None)
+    try:
+        stages = [(f["num_chs"], f["reduction"], f.get("module", "")) for f in info]
+    except (TypeError, KeyError):
+        return []
+    if not stages:
+        return []
+    have = {(s.num_chs, s.reduction) for s in states}
+    missing = [f"{m} ({c} ch, /{r})" for c, r, m in stages if (c, r) not in have]
+    if not missing and len(stages) == len(states):
+        return [f"matches all {len(stages)} stages of timm's feature_info"]
+    if not missing:
+        return [
+            f"timm's feature_info has {len(stages)} stages, this plan {len(states)} states; "
+            "each stage's (channels, reduction) is among the states"
+        ]
+    return [f"differs from timm's feature_info at: {', '.join(missing)}"]
+
+
+def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
+    """Builds the automatic insertion plan for a CNN.
+
+    Args:
+        model: a timm, torchvision or user CNN (left untouched; its train/eval mode is restored).
+        example_inputs: an example batch (or its shape); default from timm's `pretrained_cfg`, else 1x3x224x224.
+        leaf_modules: submodules to keep opaque when tracing: qualified names or classes.
+
+    Returns:
+        The plan: hidden states h0..hN, GC-ODE pairs (h_{i-1}, h_i), and one GC-W site per stage.
+    """
+    if not isinstance(model, nn.Module):
+        raise GCSurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself.")
+    example = check_example_inputs(model, example_inputs)
+    with preserve_modes(model):
+        traced = trace(model, leaf_modules=leaf_modules)
+        _check_channels(traced.eval, example)
+        result = find_stages(traced.eval, example)
+    states = tuple(
+        State(s.node, s.module, tuple(s.info.shape[1:]), s.info.layout, s.info.channels, s.info.reduction)
+        for s in result.states
+    )
+    notes = list(result.notes)
+    if traced.dual:
+        train_nodes = {n.name: n for n in traced.train.graph.nodes}
+        eval_nodes = {n.name: n for n in traced.eval.graph.nodes}
+        absent = [
+            s.node
+            for s in states
+            if s.node not in train_nodes or train_nodes[s.node].target != eval_nodes[s.node].target
+        ]
+        if not absent:  # same names can mean other nodes when the graphs differ: compare the shapes too
+            buffers = {k: b.clone() for k, b in model.named_buffers()}  # train mode counts BatchNorm batches
+            try:
+                with preserve_modes(model):
+                    train_infos = propagate(traced.train, example, training=True)
+                absent = [s.node for s in result.states if train_infos[s.node].shape != s.info.shape]
+            except GCSurgeryError:
+                notes.append("the train-mode graph could not be run on the example; states matched by name only")
+            finally:
+                with torch.no_grad():
+                    for k, b in model.named_buffers():
+                        b.copy_(buffers[k])
+        if absent:
+            raise GCSurgeryError(
+                f"{type(model).__name__} traces to different graphs in train and eval mode, and the hidden states "
+                f"{absent} of the eval graph have no counterpart in the train graph; pass leaf_modules= naming the "
+                f"blocks whose forward branches on self.training."
+            )
+        notes.append("traces differently in train and eval mode; the states exist in both graphs")
+    notes += _cross_check(model, states)
+    sites = tuple(GCWSite(s.gcw_module, s.gcw_param, i) for i, s in enumerate(result.states) if s.gcw_param)
+    return Plan(
+        model=type(model).__name__,
+        input_shape=tuple(example.shape),
+        states=states,
+        ode_pairs=tuple((i - 1, i) for i in range(1, len(states))),
+        gcw_sites=sites,
+        leaves=traced.leaves,
+        notes=tuple(notes),
+        fingerprint=fingerprint(model),
+    )

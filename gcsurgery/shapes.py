@@ -1,0 +1,110 @@
+"""Shape propagation: every node's output shape, and for feature maps their layout and resolution.
+
+One propagation (fake tensors where the model's ops allow it, the example batch otherwise) gives each
+node's output shape. Each 4-D (or square-token 3-D) tensor gets a layout (`layouts.infer_layout`) and a
+spatial size, hence a *reduction* relative to the input, rounded to a power of two.
+"""
+
+import dataclasses
+import math
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import layouts
+from .errors import GCSurgeryError
+
+__all__ = ["NodeInfo", "holds_tensor", "permute_dims", "propagate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """What shape propagation knows of one node's output."""
+
+    shape: tuple[int, ...] | None  # full tensor shape, batch included; None for non-tensors
+    layout: str | None = None  # "NCHW" | "NHWC" | "NLC" for spatial tensors
+    hw: tuple[int, int] | None = None
+    reduction: int | None = None  # input size / spatial size, rounded to a power of two
+
+    @property
+    def channels(self) -> int | None:
+        return layouts.channels(self.layout, self.shape[1:]) if self.layout else None
+
+
+def _shape_of(node: fx.Node):
+    meta = node.meta.get("val", node.meta.get("tensor_meta"))
+    return tuple(meta.shape) if isinstance(meta, torch.Tensor) or hasattr(meta, "dtype") else None
+
+
+def holds_tensor(value) -> bool:
+    """Whether a node's propagated value (a tensor, its metadata, or a container of them) holds a tensor."""
+    if isinstance(value, torch.Tensor) or type(value).__name__ == "TensorMetadata":
+        return True
+    if isinstance(value, list | tuple):
+        return any(holds_tensor(v) for v in value)
+    return isinstance(value, dict) and any(holds_tensor(v) for v in value.values())
+
+
+def permute_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of a `permute` node (method or function form) when they are constants, else None."""
+    dims = None
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) > 1 else None
+        dims = dims or node.kwargs.get("dims")
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    return tuple(dims) if isinstance(dims, list | tuple) and all(isinstance(d, int) for d in dims) else None
+
+
+def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = False) -> dict[str, NodeInfo]:
+    """Runs the model once on `example` (no grad; eval mode unless `training`) and describes every node's output."""
+    was_training = gm.training
+    gm.train(training)
+    try:
+        with torch.no_grad():
+            try:  # fake tensors: shapes without compute
+                FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(example)
+            except Exception:
+                for node in gm.graph.nodes:
+                    node.meta.pop("val", None)
+                ShapeProp(gm).propagate(example)
+    except Exception as e:
+        raise GCSurgeryError(
+            f"running {type(gm).__name__} on an example input of shape {tuple(example.shape)} failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"Pass example_inputs= of the size the model expects (e.g. torch.randn(2, 3, 224, 224))."
+        ) from e
+    finally:
+        gm.train(was_training)
+    in_hw = tuple(example.shape[-2:])
+    infos: dict[str, NodeInfo] = {}
+    flat: set[str] = set()
+    for node in gm.graph.nodes:
+        shape = _shape_of(node)
+        if shape is None:
+            infos[node.name] = NodeInfo(None)
+            continue
+        if node.op != "placeholder" and (not shape or shape[0] != example.shape[0]):
+            infos[node.name] = NodeInfo(shape)  # batch folded with windows, heads or TNT's pixel tokens: no state
+            continue
+        parent = next((a for a in node.all_input_nodes if infos.get(a.name, NodeInfo(None)).layout), None)
+        parent_layout = infos[parent.name].layout if parent is not None else None
+        if parent is None and any(a.name in flat for a in node.all_input_nodes):
+            parent_layout = "NLC"  # the transpose of a flattened feature map (B, C, H*W) is tokens
+        if parent_layout == "NCHW" and shape == (*infos[parent.name].shape[:2], math.prod(infos[parent.name].hw)):
+            infos[node.name] = NodeInfo(shape)
+            flat.add(node.name)  # (B, C, H*W): a flattened feature map, not tokens, even where C is a square
+            continue
+        if node.op == "placeholder":
+            layout = "NCHW"
+        else:
+            layout = layouts.infer_layout(shape, in_hw, parent_layout, permute=permute_dims(node))
+        if layout is None:
+            infos[node.name] = NodeInfo(shape)
+            continue
+        hw = layouts.spatial_size(layout, shape[1:])
+        infos[node.name] = NodeInfo(shape, layout, hw, layouts.reduction(in_hw, hw))
+    return infos

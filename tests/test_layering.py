@@ -1,0 +1,100 @@
+"""The rules between the rooms of the house, read off the imports of every core module (with `ast`)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "gcsurgery"
+CORE = (
+    "trace",
+    "shapes",
+    "layouts",
+    "stages",
+    "plans",
+    "rewrite",
+    "gcode",
+    "gcw",
+    "optim",
+    "checkpoint",
+    "errors",
+    "wrappers",
+    "_version",
+)
+HARNESS = ("harness", "training", "demo", "sweep", "data", "loader", "models", "cli")
+ANALYSIS = ("trace", "shapes", "layouts", "stages", "plans")  # find what to insert; insert nothing
+TRAINING_TIME = ("gcode", "gcw", "optim", "rewrite", "checkpoint")
+NO_FX = ("gcode", "gcw")
+
+
+def imports(module: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Every import in a module, anywhere in it: (absolute module, names imported from it)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, ()) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = tuple(alias.name for alias in node.names)
+            if node.level:
+                base = "gcsurgery" + (f".{node.module}" if node.module else "")
+                if node.module is None:  # from . import layouts
+                    out += [(f"gcsurgery.{name}", ()) for name in names]
+                    continue
+                out.append((base, names))
+            else:
+                out.append((node.module, names))
+    return out
+
+
+def test_the_core_list_and_the_harness_cover_the_package():
+    flat = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert flat - set(CORE) - set(HARNESS) == set(), "a new module: add it to CORE or move it under harness/"
+
+
+def _room(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "gcsurgery" and len(parts) > 1 else None
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_never_imports_the_harness(module):
+    found = [name for name, _ in imports(module) if _room(name) in HARNESS]
+    assert not found, f"gcsurgery/{module}.py imports the harness: {found}"
+
+
+@pytest.mark.parametrize("module", ANALYSIS)
+def test_analysis_never_imports_what_runs_at_train_time(module):
+    found = [name for name, _ in imports(module) if _room(name) in TRAINING_TIME]
+    assert not found, f"gcsurgery/{module}.py imports {found}"
+
+
+@pytest.mark.parametrize("module", NO_FX)
+def test_branch_and_corrector_never_import_torch_fx(module):
+    found = [
+        (name, names)
+        for name, names in imports(module)
+        if name.startswith("torch.fx") or (name == "torch" and "fx" in names)
+    ]
+    assert not found, f"gcsurgery/{module}.py imports torch.fx: {found}"
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_no_private_name_is_imported_across_modules(module):
+    found = [
+        f"{name}.{n}"
+        for name, names in imports(module)
+        if name.startswith("gcsurgery")
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
+    assert not found, f"gcsurgery/{module}.py imports private names {found}"
+
+
+def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
+    # the reader itself: a relative import of a private name, a harness module and torch.fx are all seen
+    (tmp_path / "bad.py").write_text(
+        "from torch import fx\nfrom .loader import _seed\n\n\ndef f():\n    from . import demo\n\n    return demo\n"
+    )
+    monkeypatch.setitem(globals(), "PACKAGE", tmp_path)
+    assert imports("bad") == [("torch", ("fx",)), ("gcsurgery.loader", ("_seed",)), ("gcsurgery.demo", ())]
