@@ -52,6 +52,8 @@ class Plan:
     leaves: tuple[Leaf, ...] = ()
     notes: tuple[str, ...] = ()
     fingerprint: str = ""
+    leaf_modules: tuple[str, ...] = ()  # the user's leaf_modules, as the qualified names they cover
+    verified: str = ""  # how the graph was checked against the eager model ("" when it was not)
 
     def __post_init__(self):
         n = len(self.states)
@@ -146,6 +148,8 @@ class Plan:
                 leaves=tuple(Leaf(**leaf) for leaf in d.get("leaves", ())),
                 notes=tuple(d.get("notes", ())),
                 fingerprint=d.get("fingerprint", ""),
+                leaf_modules=tuple(d.get("leaf_modules", ())),
+                verified=d.get("verified", ""),
             )
         except (KeyError, TypeError) as e:
             raise GCSurgeryError(f"malformed plan: {type(e).__name__}: {e}; write plans with Plan.to_json().") from e
@@ -190,8 +194,12 @@ class Plan:
         for r in rows:
             cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))]
             lines.append("  ".join(cells).rstrip())
+        if self.leaf_modules:
+            lines.append(f"leaf_modules: {', '.join(self.leaf_modules)}")
         lines += [f"leaf: {leaf.module} ({leaf.reason})" for leaf in self.leaves]
         lines += [f"note: {note}" for note in self.notes]
+        if self.verified:
+            lines.append(f"verified: {self.verified}")
         return "\n".join(lines)
 
     def to_dot(self) -> str:

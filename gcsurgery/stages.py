@@ -24,11 +24,15 @@ from torch import fx, nn
 from .errors import GCSurgeryError
 from .plans import GCWSite, Plan, State, fingerprint
 from .shapes import NodeInfo, holds_tensor, propagate
-from .trace import preserve_modes, trace
+from .trace import check_bare, leaf_names, preserve_modes, trace
+from .verify import verified_trace
 
 __all__ = [
+    "Planned",
     "StateInfo",
     "Stages",
+    "build_plan",
+    "check_instance_forward",
     "check_example_inputs",
     "cut_nodes",
     "dataflow_graph",
@@ -164,8 +168,8 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
     body: list[str] = []
     for name in cuts:
         info = infos[name]
-        if name in inputs:
-            continue
+        if name in inputs or nodes[name].op == "output":
+            continue  # a state at the output node would get a branch after the output, which never runs
         if info.layout is None:
             if body and info.shape is not None and len(info.shape) == 2:
                 break  # (B, C): pooled features, the head
@@ -399,22 +403,61 @@ def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
     return [f"differs from timm's feature_info at: {', '.join(missing)}"]
 
 
-def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
+def plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify: bool = True) -> Plan:
     """Builds the automatic insertion plan for a CNN.
 
     Args:
         model: a timm, torchvision or user CNN (left untouched; its train/eval mode is restored).
         example_inputs: an example batch (or its shape); default from timm's `pretrained_cfg`, else 1x3x224x224.
         leaf_modules: submodules to keep opaque when tracing: qualified names or classes.
+        verify: check the traced graph against the eager model (outputs, buffers and parameter gradients in
+            eval and train mode) and make diverging modules leaves; False skips the check.
 
     Returns:
         The plan: hidden states h0..hN, GC-ODE pairs (h_{i-1}, h_i), and one GC-W site per stage.
     """
+    return build_plan(model, example_inputs, leaf_modules=leaf_modules, verify=verify).plan
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Planned:
+    """A plan with what verifying it ran: the example batch and the eager model's runs (reused by gcify)."""
+
+    plan: Plan
+    example: torch.Tensor
+    references: dict
+
+
+def check_instance_forward(model: nn.Module) -> None:
+    """Refuses a model whose forward is replaced on the instance: torch.fx traces the class's forward."""
+    if "forward" in vars(model):
+        name = type(model).__name__
+        raise GCSurgeryError(
+            f"{name}'s forward is replaced on the instance (model.forward = ...), and torch.fx traces the class's "
+            f"forward instead, a different program. Wrap it in a module whose forward calls it:\n"
+            f"    class Wrapped(torch.nn.Module):\n"
+            f"        def __init__(self, net): super().__init__(); self.net = net\n"
+            f"        def forward(self, x): return self.net(x)\n"
+            f"then plan/gcify Wrapped(model) (its parameters are named net.*)."
+        )
+
+
+def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify: bool = True) -> Planned:
+    """`plan`, keeping the example batch and the eager runs of verification."""
     if not isinstance(model, nn.Module):
         raise GCSurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself.")
+    if not isinstance(verify, bool):
+        raise GCSurgeryError(f"verify must be True or False, got {verify!r}.")
+    check_bare(model)
+    check_instance_forward(model)
     example = check_example_inputs(model, example_inputs)
+    references, verified, checked = {}, "", ()
     with preserve_modes(model):
         traced = trace(model, leaf_modules=leaf_modules)
+        names = leaf_names(model, leaf_modules)
+        if verify:
+            traced, checked, verdict = verified_trace(model, traced, example, leaf_modules=names)
+            references, verified = verdict.references, verdict.summary
         _check_channels(traced.eval, example)
         result = find_stages(traced.eval, example)
     states = tuple(
@@ -451,13 +494,16 @@ def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
         notes.append("traces differently in train and eval mode; the states exist in both graphs")
     notes += _cross_check(model, states)
     sites = tuple(GCWSite(s.gcw_module, s.gcw_param, i) for i, s in enumerate(result.states) if s.gcw_param)
-    return Plan(
+    p = Plan(
         model=type(model).__name__,
         input_shape=tuple(example.shape),
         states=states,
         ode_pairs=tuple((i - 1, i) for i in range(1, len(states))),
         gcw_sites=sites,
-        leaves=traced.leaves,
+        leaves=traced.leaves + checked,
         notes=tuple(notes),
         fingerprint=fingerprint(model),
+        leaf_modules=names,
+        verified=verified,
     )
+    return Planned(p, example, references)

@@ -12,6 +12,7 @@ CORE = (
     "layouts",
     "stages",
     "plans",
+    "verify",
     "rewrite",
     "gcode",
     "gcw",
@@ -22,7 +23,7 @@ CORE = (
     "_version",
 )
 HARNESS = ("harness", "training", "demo", "sweep", "data", "loader", "models", "cli")
-ANALYSIS = ("trace", "shapes", "layouts", "stages", "plans")  # find what to insert; insert nothing
+ANALYSIS = ("trace", "shapes", "layouts", "stages", "plans", "verify")  # find what to insert; insert nothing
 TRAINING_TIME = ("gcode", "gcw", "optim", "rewrite", "checkpoint")
 NO_FX = ("gcode", "gcw")
 
