@@ -46,8 +46,9 @@ def spatial_size(layout: str, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def reduction(in_hw: tuple[int, int], hw: tuple[int, int]) -> int:
-    """Input size / spatial size, rounded to a power of two (Inception's 8.5, 17.6, 37.4 give 8, 16, 32)."""
-    ratio = math.sqrt((in_hw[0] * in_hw[1]) / (hw[0] * hw[1]))
+    """Input size / spatial size, rounded to a power of two (Inception's 8.5, 17.6, 37.4 give 8, 16, 32); of the
+    more reduced side, so that pooling along one axis only (a spectrogram's time) still counts every level."""
+    ratio = max(in_hw[0] / hw[0], in_hw[1] / hw[1])
     return 2 ** max(0, round(math.log2(ratio))) if ratio > 0 else 1
 
 

@@ -9,7 +9,8 @@ import dataclasses
 import math
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
@@ -17,7 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import layouts
 from .errors import GCSurgeryError
 
-__all__ = ["NodeInfo", "holds_tensor", "permute_dims", "propagate"]
+__all__ = ["NodeInfo", "holds_tensor", "permute_dims", "producer_layout", "propagate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,50 @@ def permute_dims(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(dims) if isinstance(dims, list | tuple) and all(isinstance(d, int) for d in dims) else None
 
 
+NCHW_MODULES = (
+    nn.Conv2d,
+    nn.ConvTranspose2d,
+    nn.BatchNorm2d,
+    nn.InstanceNorm2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.LPPool2d,
+    nn.Upsample,
+)
+NCHW_FUNCTIONS = frozenset(
+    {
+        F.conv2d,
+        F.conv_transpose2d,
+        F.max_pool2d,
+        F.avg_pool2d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_max_pool2d,
+        F.batch_norm,
+        F.instance_norm,
+        F.interpolate,
+        torch.conv2d,
+        torch.max_pool2d,
+        torch.batch_norm,
+    }
+)
+
+
+def producer_layout(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """ "NCHW" for the 4-D output of a 2-D convolution, batch norm, pooling or upsampling (their contract, whatever
+    the shape looks like: pooling only along time keeps a spectrogram's 128 frequency rows); None otherwise."""
+    if node.op == "call_module":
+        try:
+            module = gm.get_submodule(node.target)
+        except AttributeError:
+            return None
+        return "NCHW" if isinstance(module, NCHW_MODULES) else None
+    if node.op == "call_function" and node.target in NCHW_FUNCTIONS:
+        return "NCHW"
+    return None
+
+
 def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = False) -> dict[str, NodeInfo]:
     """Runs the model once on `example` (no grad; eval mode unless `training`) and describes every node's output."""
     was_training = gm.training
@@ -98,8 +143,13 @@ def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = Fal
             infos[node.name] = NodeInfo(shape)
             flat.add(node.name)  # (B, C, H*W): a flattened feature map, not tokens, even where C is a square
             continue
+        by_op = producer_layout(gm, node) if len(shape) == 4 else None
         if node.op == "placeholder":
             layout = "NCHW"
+        elif by_op is not None:
+            layout = by_op
+        elif parent is not None and shape == infos[parent.name].shape and permute_dims(node) is None:
+            layout = parent_layout  # elementwise ops, norms, residual adds keep their input's layout
         else:
             layout = layouts.infer_layout(shape, in_hw, parent_layout, permute=permute_dims(node))
         if layout is None:

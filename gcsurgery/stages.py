@@ -227,7 +227,7 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
 
     result = []
     for i, name in enumerate(states):
-        site = _last_weighted(g, weighted, states[i - 1], name, order) if i > 0 else None
+        site = _last_weighted(g, _main_path(weighted, infos, name), states[i - 1], name, order) if i > 0 else None
         mod = _owner_module(nodes[site]) if site else None
         result.append(StateInfo(name, _owner_module(nodes[name]), infos[name], mod, weighted[site] if site else None))
     return Stages(tuple(result), tuple(notes))
@@ -313,6 +313,21 @@ def _stem_output(gm, g, nodes, body, order) -> str | None:
         if nxt not in body or _weight_of(gm, nodes[nxt]) or len(list(g.predecessors(nxt))) != 1:
             return node
         node = nxt
+
+
+def _main_path(weighted: dict, infos: dict, state: str) -> dict:
+    """The weighted layers that can be a stage's GC-W site: those whose output is a feature map like the state's.
+
+    A squeeze-excitation gate's convs or linears work on (B, C, 1, 1) or (B, C) pooled features, a side branch
+    that scales the main path; the longest path through such a gate runs through more weighted layers than the
+    main path, but its last layer is not the layer before downsampling.
+    """
+    hw = infos[state].hw
+    return {
+        n: w
+        for n, w in weighted.items()
+        if w and infos[n].layout is not None and (infos[n].hw != (1, 1) or hw == (1, 1))
+    }
 
 
 def _last_weighted(g, weighted, src: str, dst: str, order) -> str | None:

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import MLP, TinyConvNeXt, TinyResNet, TinyVGG
 from torch import nn
@@ -142,3 +143,42 @@ def test_error_example_input_rank_and_channels(tiny_resnet):
 def test_error_not_a_module():
     with pytest.raises(GCSurgeryError, match="expected a torch.nn.Module"):
         gcs.plan(lambda x: x, torch.randn(1, 3, 32, 32))
+
+
+class SEBlock(nn.Module):
+    """A residual block with squeeze-excitation (timm's, MONAI's and pretrainedmodels' SE alike)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.conv1(x)))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))  # (B, C, 1, 1)
+        return F.relu(x + y * gate)
+
+
+def test_gcw_site_is_on_the_main_path_not_the_squeeze_excitation_gate():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), SEBlock(8), nn.MaxPool2d(2), SEBlock(8), nn.MaxPool2d(2), SEBlock(8)
+    )
+    p = gcs.plan(model, torch.randn(2, 3, 32, 32))
+    assert [s.module for s in p.gcw_sites] == ["1.conv2", "3.conv2", "5.conv2"]
+    assert [s.module for s in gcs.plan(timm.create_model("seresnet18"), (1, 3, 64, 64)).gcw_sites] == RESNET18_SITES
+
+
+def test_pooling_along_one_axis_keeps_every_level():
+    # a spectrogram CNN pools time only: (16, 128, 128) after the first pool read as NHWC with 128 channels
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d((1, 2))]
+
+    model = nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    p = gcs.plan(model, torch.randn(2, 1, 128, 256))
+    assert [(s.layout, s.reduction, s.shape) for s in p.states] == [
+        ("NCHW", 1, (16, 128, 256)),
+        ("NCHW", 2, (32, 128, 128)),
+        ("NCHW", 4, (64, 128, 64)),
+        ("NCHW", 8, (64, 128, 32)),
+    ]
+    assert [s.module for s in p.gcw_sites] == ["4", "8"]
