@@ -370,6 +370,23 @@ def _check_channels(gm, example: torch.Tensor) -> None:
                 return
 
 
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _check_dimensionality(model: nn.Module, example: torch.Tensor) -> None:
+    """Refuses 1-D and 3-D CNNs plainly: GC-ODE branches, layouts and stages are 2-D."""
+    dims = {d for m in model.modules() for d, conv in CONVS.items() if isinstance(m, conv)}
+    if dims and 2 not in dims:
+        d = min(dims)
+        batch = "(B, C, L)" if d == 1 else "(B, C, D, H, W)"
+        raise GCSurgeryError(
+            f"{type(model).__name__} is a {d}-D CNN (Conv{d}d layers, input {batch}, example shape "
+            f"{tuple(example.shape)}); gcsurgery plans 2-D CNNs only: its GC-ODE branches, layouts and stages are "
+            f"for (B, C, H, W) feature maps, and {d}-D ones are refused rather than mis-planned. GC-W alone works on "
+            f"any model: gcsurgery.GCOptimizer(model, torch.optim.SGD, sites=['<a conv>.weight'], lr=...)."
+        )
+
+
 def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
     """Validates (or builds, from a shape) the example batch for tracing and shape propagation."""
     if example is None:
@@ -383,6 +400,7 @@ def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
             f"example_inputs must be a tensor (or a shape tuple), got {type(example).__name__}; "
             "pass e.g. torch.randn(2, 3, 224, 224)."
         )
+    _check_dimensionality(model, example)
     if example.dim() != 4:
         raise GCSurgeryError(
             f"example_inputs must be a 4-D image batch (B, C, H, W), got shape {tuple(example.shape)}; "

@@ -182,3 +182,20 @@ def test_pooling_along_one_axis_keeps_every_level():
         ("NCHW", 8, (64, 128, 32)),
     ]
     assert [s.module for s in p.gcw_sites] == ["4", "8"]
+
+
+@pytest.mark.parametrize(
+    ("conv", "pool", "shape", "batch"),
+    [
+        (nn.Conv1d, nn.MaxPool1d, (2, 1, 64), r"\(B, C, L\)"),
+        (nn.Conv3d, nn.MaxPool3d, (2, 1, 8, 16, 16), r"\(B, C, D, H, W\)"),
+    ],
+)
+def test_1d_and_3d_cnns_are_refused_plainly(conv, pool, shape, batch):
+    model = nn.Sequential(conv(1, 8, 3, padding=1), nn.ReLU(), pool(2), conv(8, 8, 3, padding=1), pool(2))
+    d = 1 if conv is nn.Conv1d else 3
+    with pytest.raises(GCSurgeryError, match=rf"is a {d}-D CNN \(Conv{d}d layers, input {batch}.*2-D CNNs only"):
+        gcs.plan(model, torch.randn(*shape))
+    with pytest.raises(GCSurgeryError, match="unsqueeze") as e:  # a 2-D model given one image: the batch advice
+        gcs.plan(TinyResNet(), torch.randn(3, 32, 32))
+    assert "CNN" not in str(e.value)
