@@ -18,9 +18,10 @@ from torch import nn
 NORMS = ("bn", "gn", "none")
 ACTS = ("relu", "gelu", "silu", "none")
 BLOCKS = ("conv", "residual", "bottleneck", "dwsep", "grouped", "dense", "inception", "nhwc", "se", "droppath")
+TRAPS = ("isinstance_skip", "function_act")  # where torch.fx records another program than eager mode runs
 NHWC_BLOCKS = ("mlp", "dw")  # blocks of a stage that runs channels-last
-DOWNS = ("conv", "patchify", "maxpool", "avgpool", "fmaxpool", "slice", "strided_block", "reduction")
-HEADS = ("avgpool", "mean", "amax", "nhwc_mean", "flatten")
+DOWNS = ("conv", "patchify", "maxpool", "avgpool", "fmaxpool", "slice", "strided_block", "reduction", "pool_w")
+HEADS = ("avgpool", "mean", "amax", "nhwc_mean", "flatten", "features")  # features: no head, a map out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,54 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
 
 
+class OptionalAdd(nn.Module):
+    """MONAI's UpCat pattern: the skip is used only when it is a tensor (a traced value is not)."""
+
+    def __init__(self, c, b: BlockSpec):
+        super().__init__()
+        self.conv = conv_norm_act(c, c, 3, norm=b.norm, act_kind=b.act)
+
+    def forward(self, x, skip=None):
+        y = self.conv(x)
+        if isinstance(skip, torch.Tensor):
+            y = y + skip
+        return y
+
+
+class IsinstanceSkip(nn.Module):
+    def __init__(self, c, b: BlockSpec):
+        super().__init__()
+        self.body = OptionalAdd(c, b)
+
+    def forward(self, x):
+        return self.body(x, x)
+
+
+class Swish(torch.autograd.Function):
+    """efficientnet_pytorch's memory-efficient Swish, with a deliberately different backward (2x) so that a
+    traced-inline forward (autograd's own gradient) would show."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return 2 * g * (s * (1 + x * (1 - s)))
+
+
+class FunctionAct(nn.Module):
+    def __init__(self, c, b: BlockSpec):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return Swish.apply(self.conv(x))
+
+
 class DropPathBlock(nn.Module):
     """Residual block with stochastic depth: the forward branches on self.training."""
 
@@ -239,6 +288,8 @@ def build_block(b: BlockSpec, c: int) -> tuple[nn.Module, int]:
         "nhwc": ConvNeXtBlock,
         "se": SqueezeExcite,
         "droppath": DropPathBlock,
+        "isinstance_skip": IsinstanceSkip,
+        "function_act": FunctionAct,
         "hourglass": Hourglass,
         "mlp": ChannelMLP,
         "dw": NHWCDepthwise,
@@ -286,6 +337,8 @@ def build_down(kind: str, cin: int, cout: int) -> tuple[nn.Module, int]:
     if kind == "reduction":
         block = ReductionBlock(cin, cout)
         return block, block.conv[0].out_channels + cin
+    if kind == "pool_w":  # along the width only, like a spectrogram's time axis
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d((1, 2))), cout
     raise AssertionError(kind)
 
 
@@ -308,6 +361,13 @@ def down_size(kind: str, n: int) -> int:
     if kind in ("patchify", "maxpool", "avgpool"):
         return n // 2
     return (n - 1) // 2 + 1  # 3x3 stride 2 padding 1, and x[::2]
+
+
+def down_sizes(kind: str, size: tuple[int, int]) -> tuple[int, int]:
+    """Output (h, w) of a downsampling layer."""
+    if kind == "pool_w":
+        return size[0], size[1] // 2
+    return down_size(kind, size[0]), down_size(kind, size[1])
 
 
 class ToNHWC(nn.Module):
@@ -360,7 +420,7 @@ class FuzzNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head_kind, self.dropout, self.nhwc = spec.head, spec.dropout, nhwc
         self.head_norm = nn.LayerNorm(c) if spec.head == "nhwc_mean" else None
-        self.fc = nn.LazyLinear(5) if spec.head == "flatten" else nn.Linear(c, 5)
+        self.fc = nn.LazyLinear(5) if spec.head == "flatten" else nn.Linear(c, 5) if spec.head != "features" else None
 
     def forward(self, x):
         x = self.stages(self.stem(x))  # (B, C, h, w), or (B, h, w, C) after a channels-last stage
@@ -376,6 +436,8 @@ class FuzzNet(nn.Module):
             x = x.amax((2, 3))
         elif self.head_kind == "nhwc_mean":
             x = self.head_norm(x.mean((1, 2)))
+        elif self.head_kind == "features":  # a backbone: the last feature map is the output
+            return x
         else:  # "flatten": no global pooling, the whole last feature map feeds the classifier
             x = torch.flatten(x, 1)
         return self.fc(F.dropout(x, self.dropout, self.training))
@@ -397,7 +459,7 @@ def build(spec: NetSpec) -> nn.Module:
 def block_specs(draw, *, channels_last: bool, size: tuple[int, int]) -> BlockSpec:
     if channels_last:
         return BlockSpec(draw(st.sampled_from(NHWC_BLOCKS)), act=draw(st.sampled_from(ACTS)))
-    kinds = BLOCKS + (("hourglass",) if min(size) >= 2 else ())
+    kinds = BLOCKS + TRAPS + (("hourglass",) if min(size) >= 2 else ())
     return BlockSpec(
         draw(st.sampled_from(kinds)),
         norm=draw(st.sampled_from(NORMS)),
@@ -423,7 +485,7 @@ def net_specs(draw) -> NetSpec:
         down = None
         if min(size) >= 2 and draw(st.booleans() if i == 0 else st.integers(0, 4).map(bool)):
             down = draw(st.sampled_from((*DOWNS, "merge")))
-            size = (down_size(down, size[0]), down_size(down, size[1]))
+            size = down_sizes(down, size)
         channels_last = draw(st.integers(0, 5)) == 0 or down == "merge"
         blocks = draw(st.lists(block_specs(channels_last=channels_last, size=size), max_size=3))
         stages.append(StageSpec(down, draw(st.sampled_from((4, 8, 12, 16))), tuple(blocks), channels_last))
