@@ -162,6 +162,7 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
     live &= set(nx.ancestors(g, output)) | {output}
     g = g.subgraph(live).copy()
     cuts = cut_nodes(g, [inputs[0]], output)
+    dense = _dense_output(gm, infos)
     notes: list[str] = []
 
     # the spatial body: cut nodes with a spatial layout, up to global pooling
@@ -181,7 +182,7 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
     # resolutions the weighted layers work at: more than one means a hierarchy, wherever it lives
     any_levels = sorted({infos[n].reduction for n in g.nodes if weighted[n] and infos[n].reduction is not None})
     if not body:
-        _refuse(gm, example, any_levels, "no feature map that every input-to-output path passes through")
+        _refuse(gm, example, any_levels, "no feature map that every input-to-output path passes through", dense=dense)
     levels = sorted({infos[n].reduction for n in body})
     # nothing finer than the body's first feature map (the stem) is a resolution level: CaiT's talking-heads
     # linears mix (B, N, N, heads) attention maps, whose N×N reads as an image at reduction 1
@@ -212,6 +213,14 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
         states.append(state)
     all_levels = {infos[n].reduction for n in g.nodes if infos[n].reduction is not None and infos[n].hw != (1, 1)}
     missing = sorted(lv for lv in all_levels - {infos[s].reduction for s in states} if lv > levels[0])
+    if missing and dense is not None:
+        _refuse(
+            gm,
+            example,
+            any_levels,
+            f"no node at reduction {', '.join(map(str, missing))} that every path passes through",
+            dense=dense,
+        )
     if missing:
         notes.append(
             f"no hidden state at reduction {', '.join(map(str, missing))}: no node there lies on every "
@@ -223,7 +232,7 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
         if infos[stem].reduction == infos[states[0]].reduction:
             states.insert(0, stem)
     if len(states) < 2:
-        _refuse(gm, example, any_levels, f"hidden states only at reduction {levels}")
+        _refuse(gm, example, any_levels, f"hidden states only at reduction {levels}", dense=dense)
 
     result = []
     for i, name in enumerate(states):
@@ -233,8 +242,28 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
     return Stages(tuple(result), tuple(notes))
 
 
-def _refuse(gm, example, levels: list[int], why: str):
+def _dense_output(gm: fx.GraphModule, infos) -> int | None:
+    """The reduction of the output when it is a feature map finer than the coarsest one (a dense prediction)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    arg = output.args[0]
+    first = arg if isinstance(arg, fx.Node) else next(iter(getattr(arg, "values", lambda: arg)()), None)
+    info = infos.get(first.name) if isinstance(first, fx.Node) else None
+    levels = [i.reduction for i in infos.values() if i.reduction is not None]
+    if info is None or info.reduction is None or not levels or info.reduction >= max(levels):
+        return None
+    return info.reduction
+
+
+def _refuse(gm, example, levels: list[int], why: str, *, dense: int | None = None):
     name, shape = type(gm).__name__, tuple(example.shape)
+    if dense is not None and len(levels) >= 2:
+        raise GCSurgeryError(
+            f"{name} has feature maps at reductions {levels} (input {shape}) but {why}: its output is a feature map "
+            f"at reduction {dense}, a dense prediction (segmentation, a U-Net), whose skip connections carry each "
+            f"encoder level around the coarser ones, so no node between them lies on every input-to-output path. "
+            f"Plan the encoder alone (gcsurgery.gcify(model.encoder), the decoder kept as it is), or build a Plan "
+            f"by hand with gcsurgery.Plan."
+        )
     if len(levels) < 2:
         raise GCSurgeryError(
             f"{name} has no spatial downsampling (input {shape}, feature maps at reduction {levels or 'none'}); "

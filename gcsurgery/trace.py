@@ -244,11 +244,19 @@ def _trace_mode(model: nn.Module, training: bool, leaf_types, names: set[str], f
                 ) from e
             if not failed or failed in names:
                 where = f"module {failed!r}" if failed else f"the top-level {name}.forward"
+                fix = (
+                    "Pass leaf_modules=[...] naming the submodules that use data-dependent Python control flow, "
+                    "or make the forward traceable (torch.fx.wrap for helper functions)."
+                )
+                if not failed:  # leaves cannot help the top level: keyword arguments, a ModelOutput, a branch
+                    fix = (
+                        "leaf_modules= cannot help here. If the forward takes keyword arguments or returns a dict or "
+                        "a ModelOutput, wrap the model in a module whose forward(x) calls it and returns a tensor "
+                        "(return self.net(pixel_values=x).logits); else make that forward traceable."
+                    )
                 raise GCSurgeryError(
-                    f"torch.fx cannot trace {type(model).__name__} ({'train' if training else 'eval'} mode): "
-                    f"tracing failed in {where}{_where(e)}: {_short_reason(e)}. "
-                    f"Pass leaf_modules=[...] naming the submodules that use data-dependent Python control flow, "
-                    f"or make the forward traceable (torch.fx.wrap for helper functions)."
+                    f"torch.fx cannot trace {name} ({'train' if training else 'eval'} mode): "
+                    f"tracing failed in {where}{_where(e)}: {_short_reason(e)}. {fix}"
                 ) from e
             names.add(failed)
             leaves.append(Leaf(failed, _short_reason(e)))

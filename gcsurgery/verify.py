@@ -16,9 +16,12 @@ batch 2, each side divided by the largest power of two up to 8 that leaves 16 px
 not run at that size (a fixed-size head), the example itself, repeated to batch 2.
 """
 
+import contextlib
 import dataclasses
 import inspect
+import io
 import math
+import sys
 
 import torch
 from torch import fx, nn
@@ -116,8 +119,9 @@ def run(module: nn.Module, x: torch.Tensor, *, training: bool, params: dict[str,
     """One forward and backward in the given mode from RNG seed 0; buffers are restored afterwards."""
     before = {k: b.clone() for k, b in module.named_buffers()}
     module.train(training)
+    printed = io.StringIO()  # a failing GraphModule prints its generated code's traceback to stderr
     try:
-        with torch.random.fork_rng(devices=_devices(x)), torch.enable_grad():
+        with torch.random.fork_rng(devices=_devices(x)), torch.enable_grad(), contextlib.redirect_stderr(printed):
             torch.manual_seed(0)
             out = flatten(module(x))
             floats = [(i, v) for i, (_, v) in enumerate(out) if isinstance(v, torch.Tensor) and v.requires_grad]
@@ -128,6 +132,7 @@ def run(module: nn.Module, x: torch.Tensor, *, training: bool, params: dict[str,
                 got = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
                 grads = dict(zip(names, got, strict=True))
         after = {k: b.detach().clone() for k, b in module.named_buffers()}
+        sys.stderr.write(printed.getvalue())  # the model's own warnings, when it ran
     finally:
         with torch.no_grad():
             for k, b in module.named_buffers():

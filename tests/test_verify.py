@@ -355,3 +355,46 @@ def test_a_module_built_inside_forward_is_named_as_such():
 
     with pytest.raises(GCSurgeryError, match=r"calls a Sequential that is not one of its submodules at .*test_verify"):
         gcs.plan(Sliced(), (2, 3, 32, 32))
+
+
+def test_a_failing_graph_prints_no_traceback_before_the_error(capfd):
+    torch.manual_seed(0)
+    gcs.plan(net(Stage(8, SkipCat), conv_stage(), conv_stage()), (2, 3, 32, 32))  # the traced SkipCat raises
+    assert capfd.readouterr().err == ""
+
+
+class UNet(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.enc1, self.enc2 = conv_stage(c), conv_stage(c)
+        self.stem, self.mid = nn.Conv2d(3, c, 3, padding=1), conv_stage(c)
+        self.dec2, self.dec1 = nn.Conv2d(2 * c, c, 3, padding=1), nn.Conv2d(2 * c, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(self.stem(x))  # /1
+        e2 = self.enc2(F.max_pool2d(e1, 2))  # /2
+        m = self.mid(F.max_pool2d(e2, 2))  # /4
+        d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0), e2], 1))
+        return self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))  # (B, 2, H, W)
+
+
+def test_dense_prediction_refusal_says_why_and_what_to_do():
+    with pytest.raises(GCSurgeryError, match=r"(?s)a dense prediction.*skip connections.*Plan the encoder alone") as e:
+        gcs.plan(UNet(), (2, 3, 32, 32))
+    assert "class token" not in str(e.value)
+
+
+def test_top_level_forward_that_fx_cannot_trace_suggests_the_wrapper():
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = net(conv_stage(), conv_stage(), conv_stage())
+
+        def forward(self, pixel_values, return_dict=True):
+            if pixel_values.dim() != 4:
+                raise ValueError("pixel_values must be 4-D")
+            y = self.body(pixel_values)
+            return {"logits": y} if return_dict else (y,)
+
+    with pytest.raises(GCSurgeryError, match=r"top-level Checked.forward.*leaf_modules= cannot help.*wrap the model"):
+        gcs.plan(Checked(), (2, 3, 32, 32))
