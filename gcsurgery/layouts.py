@@ -13,11 +13,13 @@ import torch
 
 __all__ = [
     "LAYOUTS",
+    "ND_LAYOUTS",
     "PERMUTE_TO_NCHW",
     "PERMUTE_TO_NHWC",
     "channels",
     "describe",
     "infer_layout",
+    "is_point",
     "matches",
     "plausible",
     "reduction",
@@ -25,18 +27,22 @@ __all__ = [
     "to_nchw",
 ]
 
-LAYOUTS = ("NCHW", "NHWC", "NLC")
+LAYOUTS = ("NCHW", "NHWC", "NLC")  # 2-D feature maps
+ND_LAYOUTS = {"NCL": 1, "NCDHW": 3}  # 1-D (audio, time series) and 3-D (volumes, video) maps: their dimensionality
 PERMUTE_TO_NHWC = (0, 2, 3, 1)
 PERMUTE_TO_NCHW = (0, 3, 1, 2)
 
 
 def channels(layout: str, shape: tuple[int, ...]) -> int:
     """Channels of a feature map of `shape` (no batch) in `layout`."""
-    return shape[0] if layout == "NCHW" else shape[-1]
+    return shape[0] if layout == "NCHW" or layout in ND_LAYOUTS else shape[-1]
 
 
-def spatial_size(layout: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    """(H, W) of a feature map of `shape` (no batch) in `layout`; NLC tokens form a square grid."""
+def spatial_size(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(H, W) of a feature map of `shape` (no batch) in `layout`; NLC tokens form a square grid. (L,) and
+    (D, H, W) for the 1-D and 3-D layouts."""
+    if layout in ND_LAYOUTS:
+        return tuple(shape[1:])
     if layout == "NCHW":
         return shape[1], shape[2]
     if layout == "NHWC":
@@ -45,10 +51,17 @@ def spatial_size(layout: str, shape: tuple[int, ...]) -> tuple[int, int]:
     return side, side
 
 
-def reduction(in_hw: tuple[int, int], hw: tuple[int, int]) -> int:
+def is_point(size: tuple[int, ...]) -> bool:
+    """Whether a spatial size is a single position (global pooling's output)."""
+    return all(s == 1 for s in size)
+
+
+def reduction(in_hw: tuple[int, ...], hw: tuple[int, ...]) -> int:
     """Input size / spatial size, rounded to a power of two (Inception's 8.5, 17.6, 37.4 give 8, 16, 32); of the
-    more reduced side, so that pooling along one axis only (a spectrogram's time) still counts every level."""
-    ratio = max(in_hw[0] / hw[0], in_hw[1] / hw[1])
+    most reduced side, so that pooling along one axis only (a spectrogram's time) still counts every level."""
+    if len(in_hw) != len(hw):
+        return 1
+    ratio = max(a / b for a, b in zip(in_hw, hw, strict=True))
     return 2 ** max(0, round(math.log2(ratio))) if ratio > 0 else 1
 
 

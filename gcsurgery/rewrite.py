@@ -17,7 +17,8 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
 from ._version import __version__
 from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
-from .layouts import spatial_size
+from .gcode_nd import GCODEND
+from .layouts import ND_LAYOUTS, spatial_size
 from .plans import Plan, fingerprint
 from .stages import build_plan, check_instance_forward
 from .trace import check_bare, check_leaf_modules, leaf_names, preserve_modes, trace
@@ -254,16 +255,12 @@ def gcify(
     for k, (a, b) in enumerate(plan.ode_pairs):
         src, dst = plan.states[a], plan.states[b]
         options = ode if ode.seed is None else dataclasses.replace(ode, seed=ode.seed + k)  # distinct inits
+        sizes = spatial_size(src.layout, src.shape), spatial_size(dst.layout, dst.shape)
+        if src.layout in ND_LAYOUTS or dst.layout in ND_LAYOUTS:  # 1-D and 3-D states: a branch of their own
+            branches.append(GCODEND(src.num_chs, dst.num_chs, *sizes, options=options))
+            continue
         branches.append(
-            GCODE(
-                src.num_chs,
-                dst.num_chs,
-                spatial_size(src.layout, src.shape),
-                spatial_size(dst.layout, dst.shape),
-                in_layout=src.layout,
-                out_layout=dst.layout,
-                options=options,
-            )
+            GCODE(src.num_chs, dst.num_chs, *sizes, in_layout=src.layout, out_layout=dst.layout, options=options)
         )
     if param is not None:
         branches.to(device=param.device, dtype=param.dtype)

@@ -90,17 +90,36 @@ NCHW_FUNCTIONS = frozenset(
 )
 
 
-def producer_layout(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """ "NCHW" for the 4-D output of a 2-D convolution, batch norm, pooling or upsampling (their contract, whatever
-    the shape looks like: pooling only along time keeps a spectrogram's 128 frequency rows); None otherwise."""
+ND_MODULES = {
+    "NCL": (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d, nn.AvgPool1d),
+    "NCDHW": (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d),
+}
+ND_FUNCTIONS = {
+    "NCL": frozenset({F.conv1d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, torch.conv1d}),
+    "NCDHW": frozenset({F.conv3d, F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, torch.conv3d}),
+}
+BY_RANK = {
+    4: ("NCHW", NCHW_MODULES, NCHW_FUNCTIONS),
+    3: ("NCL", (*ND_MODULES["NCL"], nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d), ND_FUNCTIONS["NCL"]),
+    5: ("NCDHW", (*ND_MODULES["NCDHW"], nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d), ND_FUNCTIONS["NCDHW"]),
+}
+
+
+def producer_layout(gm: fx.GraphModule, node: fx.Node, ndim: int = 4) -> str | None:
+    """The layout an op's output has by the op's contract, whatever its shape looks like: "NCHW" for the 4-D
+    output of a 2-D convolution, batch norm, pooling or upsampling (pooling only along time keeps a
+    spectrogram's 128 frequency rows), "NCL" / "NCDHW" for their 1-D / 3-D counterparts; None otherwise."""
+    if ndim not in BY_RANK:
+        return None
+    layout, modules, functions = BY_RANK[ndim]
     if node.op == "call_module":
         try:
             module = gm.get_submodule(node.target)
         except AttributeError:
             return None
-        return "NCHW" if isinstance(module, NCHW_MODULES) else None
-    if node.op == "call_function" and node.target in NCHW_FUNCTIONS:
-        return "NCHW"
+        return layout if isinstance(module, modules) else None
+    if node.op == "call_function" and node.target in functions:
+        return layout
     return None
 
 
@@ -124,7 +143,8 @@ def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = Fal
         ) from e
     finally:
         gm.train(was_training)
-    in_hw = tuple(example.shape[-2:])
+    in_hw = tuple(example.shape[2:])
+    nd = {3: "NCL", 5: "NCDHW"}.get(example.dim())  # a 1-D or 3-D model's feature maps
     infos: dict[str, NodeInfo] = {}
     flat: set[str] = set()
     for node in gm.graph.nodes:
@@ -143,13 +163,17 @@ def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = Fal
             infos[node.name] = NodeInfo(shape)
             flat.add(node.name)  # (B, C, H*W): a flattened feature map, not tokens, even where C is a square
             continue
-        by_op = producer_layout(gm, node) if len(shape) == 4 else None
+        by_op = producer_layout(gm, node, len(shape))
+        if by_op in layouts.ND_LAYOUTS and nd is None:
+            by_op = None  # a 2-D model's Conv1d (an ECA gate) makes no 1-D feature maps of it
         if node.op == "placeholder":
-            layout = "NCHW"
+            layout = nd or "NCHW"
         elif by_op is not None:
             layout = by_op
         elif parent is not None and shape == infos[parent.name].shape and permute_dims(node) is None:
             layout = parent_layout  # elementwise ops, norms, residual adds keep their input's layout
+        elif nd is not None:
+            layout = None  # 1-D and 3-D maps only by what ops make them
         else:
             layout = layouts.infer_layout(shape, in_hw, parent_layout, permute=permute_dims(node))
         if layout is None:

@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from .errors import GCSurgeryError
+from .layouts import is_point
 from .plans import GCWSite, Plan, State, fingerprint
 from .shapes import NodeInfo, holds_tensor, propagate
 from .trace import check_bare, leaf_names, preserve_modes, trace
@@ -175,7 +176,7 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
             if body and info.shape is not None and len(info.shape) == 2:
                 break  # (B, C): pooled features, the head
             continue
-        if body and info.hw == (1, 1) and infos[body[-1]].hw != (1, 1):
+        if body and is_point(info.hw) and not is_point(infos[body[-1]].hw):
             break  # global pooling
         body.append(name)
     weighted = {n: _weight_of(gm, nodes[n]) for n in g.nodes}
@@ -211,7 +212,7 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
         if state is None or state in states or (states and order[state] <= order[states[-1]]):
             continue
         states.append(state)
-    all_levels = {infos[n].reduction for n in g.nodes if infos[n].reduction is not None and infos[n].hw != (1, 1)}
+    all_levels = {infos[n].reduction for n in g.nodes if infos[n].reduction is not None and not is_point(infos[n].hw)}
     missing = sorted(lv for lv in all_levels - {infos[s].reduction for s in states} if lv > levels[0])
     if missing and dense is not None:
         _refuse(
@@ -294,7 +295,7 @@ def _downsampling_ops(g, infos, nodes) -> list[str]:
         if info.reduction is None:
             continue
         ins = _spatial_inputs(nodes[name], infos)
-        if ins and info.reduction > max(infos[a].reduction for a in ins) and info.hw != (1, 1):
+        if ins and info.reduction > max(infos[a].reduction for a in ins) and not is_point(info.hw):
             out.append(name)
     return out
 
@@ -355,7 +356,7 @@ def _main_path(weighted: dict, infos: dict, state: str) -> dict:
     return {
         n: w
         for n, w in weighted.items()
-        if w and infos[n].layout is not None and (infos[n].hw != (1, 1) or hw == (1, 1))
+        if w and infos[n].layout is not None and (not is_point(infos[n].hw) or is_point(hw))
     }
 
 
@@ -389,7 +390,7 @@ def _check_channels(gm, example: torch.Tensor) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, nn.Conv2d):
+            if isinstance(mod, tuple(CONVS.values())):
                 if mod.in_channels != example.shape[1]:
                     raise GCSurgeryError(
                         f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the "
@@ -402,18 +403,10 @@ def _check_channels(gm, example: torch.Tensor) -> None:
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-def _check_dimensionality(model: nn.Module, example: torch.Tensor) -> None:
-    """Refuses 1-D and 3-D CNNs plainly: GC-ODE branches, layouts and stages are 2-D."""
+def _dimensionality(model: nn.Module) -> int:
+    """2 for a CNN with 2-D convolutions (or none), else 1 or 3: the dimensionality of its Conv1d / Conv3d layers."""
     dims = {d for m in model.modules() for d, conv in CONVS.items() if isinstance(m, conv)}
-    if dims and 2 not in dims:
-        d = min(dims)
-        batch = "(B, C, L)" if d == 1 else "(B, C, D, H, W)"
-        raise GCSurgeryError(
-            f"{type(model).__name__} is a {d}-D CNN (Conv{d}d layers, input {batch}, example shape "
-            f"{tuple(example.shape)}); gcsurgery plans 2-D CNNs only: its GC-ODE branches, layouts and stages are "
-            f"for (B, C, H, W) feature maps, and {d}-D ones are refused rather than mis-planned. GC-W alone works on "
-            f"any model: gcsurgery.GCOptimizer(model, torch.optim.SGD, sites=['<a conv>.weight'], lr=...)."
-        )
+    return 2 if not dims or 2 in dims else min(dims)
 
 
 def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
@@ -429,8 +422,15 @@ def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
             f"example_inputs must be a tensor (or a shape tuple), got {type(example).__name__}; "
             "pass e.g. torch.randn(2, 3, 224, 224)."
         )
-    _check_dimensionality(model, example)
-    if example.dim() != 4:
+    d = _dimensionality(model)
+    if d != 2 and example.dim() != d + 2:
+        batch = "(B, C, L)" if d == 1 else "(B, C, D, H, W)"
+        raise GCSurgeryError(
+            f"{type(model).__name__} is a {d}-D CNN (Conv{d}d layers), which takes {batch} batches, but "
+            f"example_inputs has shape {tuple(example.shape)}; pass a batch of that rank, e.g. "
+            f"torch.randn({'2, 1, 16000' if d == 1 else '2, 1, 32, 64, 64'})."
+        )
+    if d == 2 and example.dim() != 4:
         raise GCSurgeryError(
             f"example_inputs must be a 4-D image batch (B, C, H, W), got shape {tuple(example.shape)}; "
             "add the batch dimension with x.unsqueeze(0) or pass e.g. torch.randn(2, 3, 224, 224)."

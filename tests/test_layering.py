@@ -15,6 +15,7 @@ CORE = (
     "verify",
     "rewrite",
     "gcode",
+    "gcode_nd",
     "gcw",
     "optim",
     "checkpoint",
@@ -24,8 +25,8 @@ CORE = (
 )
 HARNESS = ("harness", "training", "demo", "sweep", "data", "loader", "models", "cli")
 ANALYSIS = ("trace", "shapes", "layouts", "stages", "plans", "verify")  # find what to insert; insert nothing
-TRAINING_TIME = ("gcode", "gcw", "optim", "rewrite", "checkpoint")
-NO_FX = ("gcode", "gcw")
+TRAINING_TIME = ("gcode", "gcode_nd", "gcw", "optim", "rewrite", "checkpoint")
+NO_FX = ("gcode", "gcode_nd", "gcw")
 
 
 def imports(module: str) -> list[tuple[str, tuple[str, ...]]]:

@@ -184,18 +184,38 @@ def test_pooling_along_one_axis_keeps_every_level():
     assert [s.module for s in p.gcw_sites] == ["4", "8"]
 
 
-@pytest.mark.parametrize(
-    ("conv", "pool", "shape", "batch"),
-    [
-        (nn.Conv1d, nn.MaxPool1d, (2, 1, 64), r"\(B, C, L\)"),
-        (nn.Conv3d, nn.MaxPool3d, (2, 1, 8, 16, 16), r"\(B, C, D, H, W\)"),
-    ],
-)
-def test_1d_and_3d_cnns_are_refused_plainly(conv, pool, shape, batch):
-    model = nn.Sequential(conv(1, 8, 3, padding=1), nn.ReLU(), pool(2), conv(8, 8, 3, padding=1), pool(2))
-    d = 1 if conv is nn.Conv1d else 3
-    with pytest.raises(GCSurgeryError, match=rf"is a {d}-D CNN \(Conv{d}d layers, input {batch}.*2-D CNNs only"):
-        gcs.plan(model, torch.randn(*shape))
-    with pytest.raises(GCSurgeryError, match="unsqueeze") as e:  # a 2-D model given one image: the batch advice
+def audio_cnn():
+    def block(cin, cout):
+        return [nn.Conv1d(cin, cout, 3, padding=1), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(2)]
+
+    return nn.Sequential(*block(1, 8), *block(8, 16), *block(16, 16), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+
+
+def volume_cnn():
+    def block(cin, cout):
+        return [nn.Conv3d(cin, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU(), nn.MaxPool3d(2)]
+
+    return nn.Sequential(
+        *block(1, 8), *block(8, 16), nn.Conv3d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(1)
+    )
+
+
+def test_1d_and_3d_cnns_get_plans_of_their_own_dimensionality():
+    p = gcs.plan(audio_cnn(), torch.randn(2, 1, 256))
+    assert [(s.layout, s.reduction, s.shape) for s in p.states] == [
+        ("NCL", 1, (8, 256)),
+        ("NCL", 2, (16, 128)),
+        ("NCL", 4, (16, 64)),
+        ("NCL", 8, (16, 32)),
+    ]
+    assert [s.module for s in p.gcw_sites] == ["4", "8"]
+    q = gcs.plan(volume_cnn(), torch.randn(2, 1, 16, 32, 32))
+    assert [(s.layout, s.reduction, s.shape) for s in q.states] == [
+        ("NCDHW", 1, (8, 16, 32, 32)),
+        ("NCDHW", 2, (16, 8, 16, 16)),
+        ("NCDHW", 4, (16, 4, 8, 8)),
+    ]
+    with pytest.raises(GCSurgeryError, match=r"is a 1-D CNN \(Conv1d layers\), which takes \(B, C, L\) batches"):
+        gcs.plan(audio_cnn(), torch.randn(2, 1, 16, 16))
+    with pytest.raises(GCSurgeryError, match=r"4-D image batch.*unsqueeze"):  # a 2-D model given one image
         gcs.plan(TinyResNet(), torch.randn(3, 32, 32))
-    assert "CNN" not in str(e.value)
