@@ -95,8 +95,9 @@ def infer_layout(
         _, a, b, c = shape
         nchw, nhwc = plausible(in_hw, b, c), plausible(in_hw, a, b)
         if permute is not None and parent_layout in ("NCHW", "NHWC"):
-            flipped = {PERMUTE_TO_NHWC: "NHWC", PERMUTE_TO_NCHW: "NCHW"}.get(tuple(d % 4 for d in permute))
-            if flipped and (nhwc if flipped == "NHWC" else nchw):
+            flips = {("NCHW", PERMUTE_TO_NHWC): "NHWC", ("NHWC", PERMUTE_TO_NCHW): "NCHW"}
+            flipped = flips.get((parent_layout, tuple(d % 4 for d in permute)))
+            if flipped:  # the op says it: no need for the shape to look like one (anisotropic maps do not)
                 return flipped
         if nchw and nhwc:
             if parent_layout in ("NCHW", "NHWC"):

@@ -78,3 +78,10 @@ def test_tensors_with_the_batch_folded_in_are_not_feature_maps():
     tnt = timm.create_model("tnt_s_legacy_patch16_224", img_size=64, depth=2)
     with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* feature maps at reduction \[4\]"):
         gcs.gcify(tnt, example_inputs=torch.randn(2, 3, 64, 64))
+
+
+def test_a_permute_of_an_anisotropic_map_is_read_off_the_op():
+    # (B, 8, 8, 4) NCHW after pooling the width only, permuted to (B, 8, 4, 8): no 16x16 input has an 8x4 map at
+    # one reduction, so the shape test refused it and the /4 stage was lost (found by the long fuzz run)
+    assert layouts.infer_layout((2, 8, 4, 8), (16, 16), "NCHW", permute=(0, 2, 3, 1)) == "NHWC"
+    assert layouts.infer_layout((2, 8, 8, 4), (16, 16), "NHWC", permute=(0, 3, 1, 2)) == "NCHW"
