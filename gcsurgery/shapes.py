@@ -123,6 +123,16 @@ def producer_layout(gm: fx.GraphModule, node: fx.Node, ndim: int = 4) -> str | N
     return None
 
 
+def _same_layout(node: fx.Node, infos: dict, ndim: int) -> bool:
+    """Whether every input of `node` is a feature map of one layout and rank `ndim`."""
+    ins = [infos.get(a.name) for a in node.all_input_nodes]
+    return (
+        bool(ins)
+        and all(i is not None and i.layout and len(i.shape) == ndim for i in ins)
+        and (len({i.layout for i in ins}) == 1)
+    )
+
+
 def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = False) -> dict[str, NodeInfo]:
     """Runs the model once on `example` (no grad; eval mode unless `training`) and describes every node's output."""
     was_training = gm.training
@@ -172,6 +182,8 @@ def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = Fal
             layout = by_op
         elif parent is not None and shape == infos[parent.name].shape and permute_dims(node) is None:
             layout = parent_layout  # elementwise ops, norms, residual adds keep their input's layout
+        elif node.op == "call_function" and node.target is torch.cat and _same_layout(node, infos, len(shape)):
+            layout = parent_layout  # a concatenation of feature maps of one layout (Inception, DenseNet)
         elif nd is not None:
             layout = None  # 1-D and 3-D maps only by what ops make them
         else:

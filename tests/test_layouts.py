@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import TinyConvNeXt
 from torch import fx, nn
 
@@ -85,3 +86,18 @@ def test_a_permute_of_an_anisotropic_map_is_read_off_the_op():
     # one reduction, so the shape test refused it and the /4 stage was lost (found by the long fuzz run)
     assert layouts.infer_layout((2, 8, 4, 8), (16, 16), "NCHW", permute=(0, 2, 3, 1)) == "NHWC"
     assert layouts.infer_layout((2, 8, 8, 4), (16, 16), "NHWC", permute=(0, 3, 1, 2)) == "NCHW"
+
+
+def test_a_concatenation_keeps_its_inputs_layout():
+    # Inception-like reduction of an anisotropic map: cat of two (B, 4, 8, 4) NCHW maps read as NHWC by its shape
+    class Reduce(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, 2, 1)
+
+        def forward(self, x):  # (B, 4, 16, 8)
+            return torch.cat([self.conv(x), F.max_pool2d(x, 3, 2, 1)], 1)  # (B, 8, 8, 4)
+
+    gm = fx.symbolic_trace(Reduce())
+    infos = propagate(gm, torch.randn(2, 4, 16, 8))
+    assert (infos["cat"].layout, infos["cat"].reduction) == ("NCHW", 2)
