@@ -27,7 +27,7 @@ _EXPORTS = {
     "cifar_resnet": ".harness.models",  # the paper's reference model, from the experiment harness
     "gcify": ".rewrite",
     "is_gcified": ".rewrite",
-    "plan": ".plans",
+    "plan": ".stages",
     "restore": ".checkpoint",
     "strip": ".rewrite",
     "unwrap": ".wrappers",
@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from .gcw import GCWOptions
     from .harness.models import cifar_resnet
     from .optim import GCOptimizer
-    from .plans import GCWSite, Plan, State, plan
+    from .plans import GCWSite, Plan, State
+    from .stages import plan
     from .rewrite import gcify, is_gcified, strip
     from .wrappers import unwrap
 

@@ -28,11 +28,12 @@ import torchdiffeq
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import layouts
 from .errors import GCSurgeryError
+from .layouts import LAYOUTS
 
 __all__ = ["ODEOptions", "GCODE", "LAYOUTS"]
 
-LAYOUTS = ("NCHW", "NHWC", "NLC")
 REDUCES = ("stride", "pool")
 RECOMPUTES = ("ode", "branch", "none")
 _CL = torch.channels_last
@@ -215,15 +216,6 @@ def fixed_grid_solve(phi, z, solver: str, grid: tuple[float, ...]):
     return z
 
 
-def _to_nchw(x, layout: str, size: tuple[int, int]):
-    """A (B, C, H, W) view of `x` (NHWC and NLC give channels_last strides, no copy)."""
-    if layout == "NHWC":
-        return x.permute(0, 3, 1, 2)
-    if layout == "NLC":
-        return x.transpose(1, 2).unflatten(2, size)
-    return x
-
-
 class SampledLinear(torch.autograd.Function):
     """`linear(x[:, :, ::kh, ::kw] as (B, h, w, C), weight, bias)` that keeps `x` itself for backward, not the
     gathered samples, and scatters its input gradient in one pass."""
@@ -364,17 +356,12 @@ class GCODE(nn.Module):
         return torch.baddbmm(b[:, None], w.expand(len(z), -1, -1), z.flatten(2)).unflatten(2, ode_hw)
 
     def _check_input(self, name: str, t, chs: int, layout: str, size: tuple[int, int]) -> None:
-        if layout == "NLC":
-            want = f"(B, {size[0] * size[1]}, {chs})"
-            ok = t.dim() == 3 and t.shape[1] == size[0] * size[1] and t.shape[2] == chs
-        else:
-            want = f"(B, {chs}, H, W)" if layout == "NCHW" else f"(B, H, W, {chs})"
-            ok = t.dim() == 4 and t.shape[1 if layout == "NCHW" else 3] == chs
-        if not ok:
+        if not layouts.matches(t, layout, chs, size):
             raise GCSurgeryError(
-                f"this GC-ODE branch takes {name} of shape {want} ({layout}), got {tuple(t.shape)}. If gcify built "
-                "it, the plan does not match the model (rebuild it with gcsurgery.plan(model)), or a token (NLC) "
-                "model runs at another input size than the plan's (build the plan at the size you run)."
+                f"this GC-ODE branch takes {name} of shape {layouts.describe(layout, chs, size)} ({layout}), got "
+                f"{tuple(t.shape)}. If gcify built it, the plan does not match the model (rebuild it with "
+                "gcsurgery.plan(model)), or a token (NLC) model runs at another input size than the plan's (build the "
+                "plan at the size you run)."
             )
 
     def forward(self, src, dst):
@@ -388,7 +375,7 @@ class GCODE(nn.Module):
         ode_hw = (-(-out_hw[0] // self.ode_stride), -(-out_hw[1] // self.ode_stride))
         # E runs in dst's memory order, except that upsampling is cheaper channels-last
         cl = lay != "NCHW" or ode_hw != out_hw or (not dst.is_contiguous() and dst.is_contiguous(memory_format=_CL))
-        x = _to_nchw(src, self.in_layout, self.in_size)  # (B, Ca, Ha, Wa)
+        x = layouts.to_nchw(src, self.in_layout, self.in_size)  # (B, Ca, Ha, Wa)
         if self._recompute == "branch" and torch.is_grad_enabled():
             e = checkpoint(self._correction, x, ode_hw, cl, use_reentrant=False, preserve_rng_state=False)
         else:

@@ -1,22 +1,20 @@
 """The insertion plan: which hidden states get GC-ODE pairs, which layers get GC-W. Plans are data.
 
 A `Plan` is frozen; it prints as an aligned table, round-trips through JSON, can be edited with
-`without()`, compared with `diff()`, and drawn (`to_dot()`, `draw()`). `plan(model)` builds the automatic
-one: trace → analyze → Plan.
+`without()`, compared with `diff()`, and drawn (`to_dot()`, `draw()`). `plan(model)` (in `stages.py`, which
+builds plans from what it finds in the graph, and re-exported here) builds the automatic one.
 """
 
 import dataclasses
 import hashlib
 import json
 
-import torch
 from torch import nn
 
-from .analyze import analyze, propagate
 from .errors import GCSurgeryError
-from .trace import Leaf, preserve_modes, trace
+from .trace import Leaf
 
-__all__ = ["GCWSite", "Plan", "State", "plan", "fingerprint", "default_example_inputs"]
+__all__ = ["GCWSite", "Plan", "State", "fingerprint"]  # and, from stages, the planner: see __getattr__
 
 PLAN_FORMAT = 1
 
@@ -54,6 +52,8 @@ class Plan:
     leaves: tuple[Leaf, ...] = ()
     notes: tuple[str, ...] = ()
     fingerprint: str = ""
+    leaf_modules: tuple[str, ...] = ()  # the user's leaf_modules, as the qualified names they cover
+    verified: str = ""  # how the graph was checked against the eager model ("" when it was not)
 
     def __post_init__(self):
         n = len(self.states)
@@ -148,6 +148,8 @@ class Plan:
                 leaves=tuple(Leaf(**leaf) for leaf in d.get("leaves", ())),
                 notes=tuple(d.get("notes", ())),
                 fingerprint=d.get("fingerprint", ""),
+                leaf_modules=tuple(d.get("leaf_modules", ())),
+                verified=d.get("verified", ""),
             )
         except (KeyError, TypeError) as e:
             raise GCSurgeryError(f"malformed plan: {type(e).__name__}: {e}; write plans with Plan.to_json().") from e
@@ -192,8 +194,12 @@ class Plan:
         for r in rows:
             cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))]
             lines.append("  ".join(cells).rstrip())
+        if self.leaf_modules:
+            lines.append(f"leaf_modules: {', '.join(self.leaf_modules)}")
         lines += [f"leaf: {leaf.module} ({leaf.reason})" for leaf in self.leaves]
         lines += [f"note: {note}" for note in self.notes]
+        if self.verified:
+            lines.append(f"verified: {self.verified}")
         return "\n".join(lines)
 
     def to_dot(self) -> str:
@@ -249,7 +255,7 @@ class Plan:
         plt.close(fig)
 
 
-# -- building plans ---------------------------------------------------------------------------------------
+# -- identity -------------------------------------------------------------------------------------------------
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -260,135 +266,13 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def default_example_inputs(model: nn.Module) -> torch.Tensor:
-    """An example batch: timm's `pretrained_cfg["input_size"]` when the model has one, else 1x3x224x224."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
-    return torch.randn(1, *size)
+_PLANNER = ("check_example_inputs", "default_example_inputs", "plan")
 
 
-def _check_channels(gm, example: torch.Tensor) -> None:
-    """A convolution that reads the input directly must take the example's channel count."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, nn.Conv2d):
-                if mod.in_channels != example.shape[1]:
-                    raise GCSurgeryError(
-                        f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the "
-                        f"model's first convolution {node.target!r} expects {mod.in_channels}; "
-                        f"pass an input with {mod.in_channels} channels."
-                    )
-                return
+def __getattr__(name: str):
+    """The planner's names, from `stages` (which imports this module, hence not imported at the top)."""
+    if name in _PLANNER:
+        from . import stages
 
-
-def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
-    """Validates (or builds, from a shape) the example batch for tracing and shape propagation."""
-    if example is None:
-        return default_example_inputs(model)
-    if isinstance(example, tuple | list) and all(isinstance(d, int) for d in example):
-        example = torch.randn(*example)
-    if isinstance(example, tuple | list) and len(example) == 1 and isinstance(example[0], torch.Tensor):
-        example = example[0]
-    if not isinstance(example, torch.Tensor):
-        raise GCSurgeryError(
-            f"example_inputs must be a tensor (or a shape tuple), got {type(example).__name__}; "
-            "pass e.g. torch.randn(2, 3, 224, 224)."
-        )
-    if example.dim() != 4:
-        raise GCSurgeryError(
-            f"example_inputs must be a 4-D image batch (B, C, H, W), got shape {tuple(example.shape)}; "
-            "add the batch dimension with x.unsqueeze(0) or pass e.g. torch.randn(2, 3, 224, 224)."
-        )
-    if not example.is_floating_point():
-        raise GCSurgeryError(f"example_inputs must be floating point, got {example.dtype}; use x.float().")
-    param = next(iter(model.parameters()), None)
-    if param is not None:
-        if not param.is_floating_point():
-            raise GCSurgeryError(f"the model's parameters are {param.dtype}; gcsurgery needs a float model.")
-        example = example.to(device=param.device, dtype=param.dtype)
-    return example
-
-
-def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
-    info = getattr(model, "feature_info", None)
-    try:
-        stages = [(f["num_chs"], f["reduction"], f.get("module", "")) for f in info]
-    except (TypeError, KeyError):
-        return []
-    if not stages:
-        return []
-    have = {(s.num_chs, s.reduction) for s in states}
-    missing = [f"{m} ({c} ch, /{r})" for c, r, m in stages if (c, r) not in have]
-    if not missing and len(stages) == len(states):
-        return [f"matches all {len(stages)} stages of timm's feature_info"]
-    if not missing:
-        return [
-            f"timm's feature_info has {len(stages)} stages, this plan {len(states)} states; "
-            "each stage's (channels, reduction) is among the states"
-        ]
-    return [f"differs from timm's feature_info at: {', '.join(missing)}"]
-
-
-def plan(model: nn.Module, example_inputs=None, *, leaf_modules=()) -> Plan:
-    """Builds the automatic insertion plan for a CNN.
-
-    Args:
-        model: a timm, torchvision or user CNN (left untouched; its train/eval mode is restored).
-        example_inputs: an example batch (or its shape); default from timm's `pretrained_cfg`, else 1x3x224x224.
-        leaf_modules: submodules to keep opaque when tracing: qualified names or classes.
-
-    Returns:
-        The plan: hidden states h0..hN, GC-ODE pairs (h_{i-1}, h_i), and one GC-W site per stage.
-    """
-    if not isinstance(model, nn.Module):
-        raise GCSurgeryError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself.")
-    example = check_example_inputs(model, example_inputs)
-    with preserve_modes(model):
-        traced = trace(model, leaf_modules=leaf_modules)
-        _check_channels(traced.eval, example)
-        result = analyze(traced.eval, example)
-    states = tuple(
-        State(s.node, s.module, tuple(s.info.shape[1:]), s.info.layout, s.info.channels, s.info.reduction)
-        for s in result.states
-    )
-    notes = list(result.notes)
-    if traced.dual:
-        train_nodes = {n.name: n for n in traced.train.graph.nodes}
-        eval_nodes = {n.name: n for n in traced.eval.graph.nodes}
-        absent = [
-            s.node
-            for s in states
-            if s.node not in train_nodes or train_nodes[s.node].target != eval_nodes[s.node].target
-        ]
-        if not absent:  # same names can mean other nodes when the graphs differ: compare the shapes too
-            buffers = {k: b.clone() for k, b in model.named_buffers()}  # train mode counts BatchNorm batches
-            try:
-                with preserve_modes(model):
-                    train_infos = propagate(traced.train, example, training=True)
-                absent = [s.node for s in result.states if train_infos[s.node].shape != s.info.shape]
-            except GCSurgeryError:
-                notes.append("the train-mode graph could not be run on the example; states matched by name only")
-            finally:
-                with torch.no_grad():
-                    for k, b in model.named_buffers():
-                        b.copy_(buffers[k])
-        if absent:
-            raise GCSurgeryError(
-                f"{type(model).__name__} traces to different graphs in train and eval mode, and the hidden states "
-                f"{absent} of the eval graph have no counterpart in the train graph; pass leaf_modules= naming the "
-                f"blocks whose forward branches on self.training."
-            )
-        notes.append("traces differently in train and eval mode; the states exist in both graphs")
-    notes += _cross_check(model, states)
-    sites = tuple(GCWSite(s.gcw_module, s.gcw_param, i) for i, s in enumerate(result.states) if s.gcw_param)
-    return Plan(
-        model=type(model).__name__,
-        input_shape=tuple(example.shape),
-        states=states,
-        ode_pairs=tuple((i - 1, i) for i in range(1, len(states))),
-        gcw_sites=sites,
-        leaves=traced.leaves,
-        notes=tuple(notes),
-        fingerprint=fingerprint(model),
-    )
+        return getattr(stages, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,20 +10,25 @@ zero, so the rewritten model computes exactly what the original did.
 import copy
 import dataclasses
 
+import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
 
 from ._version import __version__
 from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
+from .gcode_nd import GCODEND
+from .layouts import ND_LAYOUTS, spatial_size
 from .plans import Plan, fingerprint
-from .plans import plan as make_plan
-from .trace import check_bare, check_leaf_modules, preserve_modes, trace
+from .stages import build_plan, check_instance_forward
+from .trace import check_bare, check_leaf_modules, leaf_names, preserve_modes, trace
+from .verify import compare
 from .wrappers import wrapper_attr
 
 __all__ = ["GCGraphModule", "gcify", "strip", "is_gcified"]
 
 BRANCH_PREFIX = "gc.ode"
+GCIFIED, GCIFIED_TOO = "the gcified graph: ", "; the gcified graph too"
 
 
 class GCGraphModule(fx.GraphModule):
@@ -130,15 +135,6 @@ def _check_plan(model: nn.Module, plan: Plan, graphs) -> None:
         raise GCSurgeryError("the plan inserts nothing (no GC-ODE pairs, no GC-W sites); use the model as it is.")
 
 
-def _spatial(state) -> tuple[int, int]:
-    if state.layout == "NCHW":
-        return state.shape[1], state.shape[2]
-    if state.layout == "NHWC":
-        return state.shape[0], state.shape[1]
-    side = int(round(state.shape[0] ** 0.5))
-    return side, side
-
-
 def _insert_branches(graph: fx.Graph, plan: Plan) -> None:
     nodes = {n.name: n for n in graph.nodes}
     current = {i: nodes[s.node] for i, s in enumerate(plan.states)}
@@ -151,6 +147,47 @@ def _insert_branches(graph: fx.Graph, plan: Plan) -> None:
     graph.lint()
 
 
+def _check_leaf_modules(model: nn.Module, plan: Plan, leaf_modules) -> None:
+    """gcify(model, plan) traces with the plan's leaf_modules; other ones given beside it are refused."""
+    check_leaf_modules(leaf_modules)
+    if leaf_modules and leaf_names(model, leaf_modules) != plan.leaf_modules:
+        raise GCSurgeryError(
+            f"leaf_modules={list(leaf_modules)!r} cover {list(leaf_names(model, leaf_modules))}, but the plan was made "
+            f"with leaf_modules covering {list(plan.leaf_modules)}; gcify(model, plan) uses the plan's, so pass none "
+            "(or the same), or build the plan again with gcsurgery.plan(model, leaf_modules=...)."
+        )
+
+
+def _verify_rewrite(source: nn.Module, gm: GCGraphModule, plan: Plan, example, references: dict) -> Plan:
+    """Checks the rewritten graph against the eager model; returns the plan saying so."""
+    if example is None:
+        param = next(iter(source.parameters()), None)
+        kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+        example = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0)).to(**kw)
+    params = {k: p for k, p in source.named_parameters() if p.requires_grad}
+    gates = [branch.gate for branch in gm.gc.ode]
+    opened = [g.detach().clone() for g in gates]  # gate_init != 0 changes the function on purpose: check at 0
+    try:
+        with torch.no_grad():
+            for g in gates:
+                g.zero_()
+        with preserve_modes(source):
+            verdict = compare(source, {False: gm, True: gm}, example, params=params, references=references)
+    finally:
+        with torch.no_grad():
+            for g, value in zip(gates, opened, strict=True):
+                g.copy_(value)
+    if verdict.mismatch is not None:
+        raise GCSurgeryError(
+            f"the gcified {type(source).__name__} does not compute what the model computes: {verdict.mismatch}. "
+            "With its gates at zero every branch adds exact zeros, so this is a plan that does not fit the model "
+            "(build it anew with gcsurgery.plan(model)) or a bug in gcsurgery; pass verify=False to skip this check."
+        )
+    base = plan.verified.removesuffix(GCIFIED_TOO)  # a plan from a gcified model (a checkpoint) says it already
+    base = "" if base.startswith(GCIFIED) else base
+    return dataclasses.replace(plan, verified=base + GCIFIED_TOO if base else f"{GCIFIED}{verdict.summary}")
+
+
 def gcify(
     model: nn.Module,
     plan: Plan | None = None,
@@ -159,6 +196,7 @@ def gcify(
     ode: ODEOptions = ODEOptions(),  # noqa: B008 (frozen, hence safe)
     leaf_modules=(),
     inplace: bool = False,
+    verify: bool = True,
 ) -> GCGraphModule:
     """Inserts GC-ODE branches into `model` and marks its GC-W sites.
 
@@ -167,8 +205,11 @@ def gcify(
         plan: the insertion plan; built with `gcsurgery.plan(model, example_inputs)` when None.
         example_inputs: example batch (or its shape) used to build the plan when none is given.
         ode: options of every GC-ODE branch.
-        leaf_modules: submodules to keep opaque when tracing (names or classes).
+        leaf_modules: submodules to keep opaque when tracing (names or classes); with a plan, the plan's own
+            (`plan.leaf_modules`) are used, and other ones are refused.
         inplace: share the model's modules and parameters instead of copying them first.
+        verify: check the traced and the rewritten graph against the eager model (outputs, buffers and parameter
+            gradients, eval and train mode); False skips the checks.
 
     Returns:
         A `GCGraphModule` computing exactly what `model` computes, with `.gc_plan` set.
@@ -183,6 +224,7 @@ def gcify(
     if not isinstance(ode, ODEOptions):
         raise GCSurgeryError(f"ode must be a gcsurgery.ODEOptions, got {type(ode).__name__}.")
     _check_flag("inplace", inplace)
+    _check_flag("verify", verify)
     holder = getattr(model, "gc", None)
     if isinstance(holder, nn.Module):
         raise GCSurgeryError(
@@ -190,15 +232,18 @@ def gcify(
             "branches (a model stripped with keep_ode=True has its old ones there); gcify the model from before, "
             "strip it with keep_ode=False, or rename that submodule."
         )
+    example, references = None, {}
     if plan is None:
-        plan = make_plan(model, example_inputs, leaf_modules=leaf_modules)
+        planned = build_plan(model, example_inputs, leaf_modules=leaf_modules, verify=verify)
+        plan, example, references = planned.plan, planned.example, planned.references
     elif example_inputs is not None:
         raise GCSurgeryError("pass either plan= or example_inputs= (which builds a plan), not both.")
     else:
         _check_plan_type(plan)
-        check_leaf_modules(leaf_modules)
+        _check_leaf_modules(model, plan, leaf_modules)
+        check_instance_forward(model)
     source = model if inplace else copy.deepcopy(model)
-    leaves = tuple(leaf_modules) + tuple(leaf.module for leaf in plan.leaves)
+    leaves = plan.leaf_modules + tuple(leaf.module for leaf in plan.leaves)
     with preserve_modes(source):
         traced = trace(source, leaf_modules=tuple(dict.fromkeys(leaves)))
     _check_plan(source, plan, {traced.train.graph, traced.eval.graph})
@@ -210,16 +255,12 @@ def gcify(
     for k, (a, b) in enumerate(plan.ode_pairs):
         src, dst = plan.states[a], plan.states[b]
         options = ode if ode.seed is None else dataclasses.replace(ode, seed=ode.seed + k)  # distinct inits
+        sizes = spatial_size(src.layout, src.shape), spatial_size(dst.layout, dst.shape)
+        if src.layout in ND_LAYOUTS or dst.layout in ND_LAYOUTS:  # 1-D and 3-D states: a branch of their own
+            branches.append(GCODEND(src.num_chs, dst.num_chs, *sizes, options=options))
+            continue
         branches.append(
-            GCODE(
-                src.num_chs,
-                dst.num_chs,
-                _spatial(src),
-                _spatial(dst),
-                in_layout=src.layout,
-                out_layout=dst.layout,
-                options=options,
-            )
+            GCODE(src.num_chs, dst.num_chs, *sizes, in_layout=src.layout, out_layout=dst.layout, options=options)
         )
     if param is not None:
         branches.to(device=param.device, dtype=param.dtype)
@@ -229,6 +270,8 @@ def gcify(
     for g in gm.graphs:
         _insert_branches(g, plan)
     gm.recompile_all()
+    if verify:
+        plan = _verify_rewrite(source, gm, plan, example, references)
     holder.train(model.training)
     gm._select_graph(model.training)  # submodules keep their own modes (e.g. frozen BatchNorm)
 

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import os
 import traceback
 
 import torch
@@ -21,7 +22,7 @@ from torch import fx, nn
 from .errors import GCSurgeryError
 from .wrappers import wrapper_attr
 
-__all__ = ["Leaf", "Traced", "check_bare", "check_leaf_modules", "preserve_modes", "trace"]
+__all__ = ["Leaf", "Traced", "check_bare", "check_leaf_modules", "leaf_names", "preserve_modes", "trace"]
 
 MAX_FALLBACK_LEAVES = 16
 
@@ -67,6 +68,14 @@ def check_leaf_modules(leaf_modules) -> None:
         )
 
 
+def leaf_names(model: nn.Module, leaf_modules) -> tuple[str, ...]:
+    """The qualified names that `leaf_modules` (names or classes) covers in `model`, in module order."""
+    check_leaf_modules(leaf_modules)
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    return tuple(n for n, m in model.named_modules() if n and (n in names or (types and isinstance(m, types))))
+
+
 @contextlib.contextmanager
 def preserve_modes(model: nn.Module):
     """Restores the train/eval flag of every submodule on exit (tracing and shape propagation switch them)."""
@@ -110,6 +119,7 @@ class GCTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.failed_module: str | None = None
+        self.unregistered: str | None = None  # class of a module called in forward that is not a submodule
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -120,17 +130,59 @@ class GCTracer(fx.Tracer):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed_module is None:  # the innermost module fails first
-                self.failed_module = self.path_of_module(m)
+            if self.failed_module is None and self.unregistered is None:  # the innermost module fails first
+                try:
+                    self.failed_module = self.path_of_module(m)
+                except NameError:  # not a submodule: built inside forward (`self.features[:5](x)`)
+                    self.unregistered = type(m).__name__
             raise
+
+
+_FUNCTION_CALLS: dict[type, object] = {}
+
+
+def function_call(cls: type):
+    """The graph-node target that stands for `cls.apply` of a custom autograd Function (one per class)."""
+    call = _FUNCTION_CALLS.get(cls)
+    if call is None:
+
+        def call(*args, **kwargs):
+            return cls.apply(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = f"{cls.__name__}_apply"
+        _FUNCTION_CALLS[cls] = call
+    return call
+
+
+@contextlib.contextmanager
+def opaque_autograd_functions():
+    """While tracing, `SomeFunction.apply(traced value, ...)` records one call node instead of tracing the
+    Function's forward, so its custom backward is kept (gradient reversal, straight-through estimators,
+    memory-efficient Swish)."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        proxies = []
+        fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+        if not proxies:
+            return original.__get__(None, cls)(*args, **kwargs)
+        return proxies[0].tracer.create_proxy("call_function", function_call(cls), args, kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
 
 
 def _trace_once(model: nn.Module, leaf_types, leaf_names, functions) -> fx.GraphModule:
     tracer = GCTracer(leaf_types=leaf_types, leaf_names=leaf_names, autowrap_functions=functions)
     try:
-        graph = tracer.trace(model, concrete_args=_optional_args(model))
+        with opaque_autograd_functions():
+            graph = tracer.trace(model, concrete_args=_optional_args(model))
     except Exception as e:
         e.gc_failed_module = tracer.failed_module
+        e.gc_unregistered = tracer.unregistered
         raise
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
@@ -156,7 +208,12 @@ def _short_reason(e: Exception) -> str:
 
 
 def _where(e: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/fx/" not in f.filename]
+    ours = os.path.dirname(os.path.abspath(__file__))
+    frames = [
+        f
+        for f in traceback.extract_tb(e.__traceback__)
+        if "/torch/fx/" not in f.filename and os.path.dirname(os.path.abspath(f.filename)) != ours
+    ]
     if not frames:
         return ""
     f = frames[-1]
@@ -169,14 +226,37 @@ def _trace_mode(model: nn.Module, training: bool, leaf_types, names: set[str], f
         try:
             return _trace_once(model, leaf_types, frozenset(names), functions)
         except Exception as e:
-            failed = getattr(e, "gc_failed_module", None)
-            if not failed or failed in names or len(leaves) >= MAX_FALLBACK_LEAVES:
-                where = f"module {failed!r}" if failed else f"the top-level {type(model).__name__}.forward"
+            failed, name = getattr(e, "gc_failed_module", None), type(model).__name__
+            unregistered = getattr(e, "gc_unregistered", None)
+            if unregistered:
                 raise GCSurgeryError(
-                    f"torch.fx cannot trace {type(model).__name__} ({'train' if training else 'eval'} mode): "
-                    f"tracing failed in {where}{_where(e)}: {_short_reason(e)}. "
-                    f"Pass leaf_modules=[...] naming the submodules that use data-dependent Python control flow, "
-                    f"or make the forward traceable (torch.fx.wrap for helper functions)."
+                    f"{name}'s forward calls a {unregistered} that is not one of its submodules{_where(e)}: a module "
+                    f"built inside forward (self.features[:5](x) makes a new Sequential on every call), which torch.fx "
+                    f"cannot call. Build it once in __init__ (self.head = self.features[:5]) and call that, or pass "
+                    f"leaf_modules= naming the submodule whose forward does this."
+                ) from e
+            if failed and failed not in names and len(leaves) >= MAX_FALLBACK_LEAVES:
+                cls = type(model.get_submodule(failed)).__name__
+                raise GCSurgeryError(
+                    f"torch.fx cannot trace {name}: the fallback already made {len(leaves)} modules leaves (its "
+                    f"limit), and {failed!r} ({cls}) fails too: {_short_reason(e)}. Pass leaf_modules=[{cls}] (the "
+                    f"class: every {cls} becomes a leaf), with the classes of the leaves listed in the plan."
+                ) from e
+            if not failed or failed in names:
+                where = f"module {failed!r}" if failed else f"the top-level {name}.forward"
+                fix = (
+                    "Pass leaf_modules=[...] naming the submodules that use data-dependent Python control flow, "
+                    "or make the forward traceable (torch.fx.wrap for helper functions)."
+                )
+                if not failed:  # leaves cannot help the top level: keyword arguments, a ModelOutput, a branch
+                    fix = (
+                        "leaf_modules= cannot help here. If the forward takes keyword arguments or returns a dict or "
+                        "a ModelOutput, wrap the model in a module whose forward(x) calls it and returns a tensor "
+                        "(return self.net(pixel_values=x).logits); else make that forward traceable."
+                    )
+                raise GCSurgeryError(
+                    f"torch.fx cannot trace {name} ({'train' if training else 'eval'} mode): "
+                    f"tracing failed in {where}{_where(e)}: {_short_reason(e)}. {fix}"
                 ) from e
             names.add(failed)
             leaves.append(Leaf(failed, _short_reason(e)))

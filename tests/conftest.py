@@ -1,5 +1,7 @@
 """Tiny CNNs shared by the tests (32x32 inputs, a few thousand parameters)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +137,19 @@ def tiny_resnet():
 def x32():
     torch.manual_seed(1)
     return torch.randn(2, 3, 32, 32)
+
+
+def outputs(model: nn.Module, x: torch.Tensor, *, training: bool):
+    """Output and buffers after one forward in the given mode, on a copy, with a fixed RNG."""
+    model = copy.deepcopy(model).train(training)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        y = model(x)
+    return y, {k: b for k, b in model.named_buffers() if not k.startswith("gc.")}
+
+
+def branch_site(node) -> tuple:
+    """What a GC-ODE call node reads: (target, enclosing module) of its source and destination states."""
+    return tuple(
+        (str(a.target), list((a.meta.get("nn_module_stack") or {"": ("",)}).values())[-1][0]) for a in node.args
+    )

@@ -1,97 +1,15 @@
+"""Plans as data: the printed table (the README's too), JSON, editing, drawings, validation."""
+
 import json
+import re
+from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torchvision
-from conftest import MLP, TinyConvNeXt, TinyResNet, TinyVGG, WithUntraceable
-from torch import nn
-from torchvision.models.vision_transformer import VisionTransformer
 
 import gcsurgery as gcs
 from gcsurgery import GCSurgeryError, Plan
-
-RESNET18_SITES = ["layer1.1.conv2", "layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"]
-
-
-@pytest.mark.parametrize("build", [lambda: torchvision.models.resnet18(), lambda: timm.create_model("resnet18")])
-def test_resnet18_has_the_papers_four_pairs(build):
-    p = gcs.plan(build(), torch.randn(1, 3, 224, 224))
-    assert len(p.ode_pairs) == 4
-    assert p.ode_pairs == ((0, 1), (1, 2), (2, 3), (3, 4))
-    assert [s.module for s in p.gcw_sites] == RESNET18_SITES
-    assert [s.param for s in p.gcw_sites] == [f"{m}.weight" for m in RESNET18_SITES]
-    assert [s.reduction for s in p.states] == [2, 4, 8, 16, 32]
-
-
-@pytest.mark.parametrize("depth", [20, 56])
-def test_cifar_resnet_has_the_papers_three_pairs(depth):
-    n = (depth - 2) // 6
-    p = gcs.plan(gcs.cifar_resnet(depth), torch.randn(1, 3, 32, 32))
-    assert len(p.ode_pairs) == 3 and len(p.gcw_sites) == 3
-    assert [s.module for s in p.gcw_sites] == [f"layer{i}.{n - 1}.conv2" for i in (1, 2, 3)]
-    assert [(s.num_chs, s.reduction) for s in p.states] == [(16, 1), (16, 1), (32, 2), (64, 4)]
-    assert p.states[0].node == "relu"  # h0 is the stem output, the input of layer1
-
-
-def test_torchvision_resnet50_states_match_timm_feature_info():
-    p = gcs.plan(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224))
-    info = timm.create_model("resnet50").feature_info
-    assert [(s.num_chs, s.reduction) for s in p.states] == [(f["num_chs"], f["reduction"]) for f in info]
-    assert [s.module.split(".")[0] for s in p.states[1:]] == [f["module"] for f in info[1:]]
-    assert [s.module for s in p.gcw_sites] == ["layer1.2.conv3", "layer2.3.conv3", "layer3.5.conv3", "layer4.2.conv3"]
-
-
-def test_timm_models_are_cross_checked_against_feature_info():
-    p = gcs.plan(timm.create_model("resnet18"))
-    assert "matches all 5 stages of timm's feature_info" in p.notes
-
-
-def test_default_example_input_comes_from_timm_pretrained_cfg():
-    model = timm.create_model("test_convnext")
-    assert gcs.plan(model).input_shape == (1, *model.pretrained_cfg["input_size"]) == (1, 3, 160, 160)
-    assert gcs.plan(TinyResNet(), (1, 3, 32, 32)).input_shape == (1, 3, 32, 32)
-
-
-def test_plan_restores_mode_and_leaves_model_untouched(tiny_resnet):
-    before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
-    tiny_resnet.eval()
-    gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
-    assert not tiny_resnet.training
-    tiny_resnet.train()
-    gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
-    assert tiny_resnet.training
-    after = tiny_resnet.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(m.training for m in tiny_resnet.modules())
-    tiny_resnet.eval()
-    gcs.gcify(tiny_resnet, example_inputs=torch.randn(2, 3, 32, 32), inplace=True)
-    assert not any(m.training for m in tiny_resnet.modules())
-
-
-@pytest.mark.parametrize(
-    ("model", "reductions"),
-    [(TinyResNet(), [1, 1, 2, 4]), (TinyVGG(), [1, 2, 4]), (TinyConvNeXt(), [4, 4, 8, 16])],
-)
-def test_tiny_models(model, reductions):
-    p = gcs.plan(model, torch.randn(2, 3, 32, 32))
-    assert [s.reduction for s in p.states] == reductions
-    assert p.ode_pairs == tuple((i, i + 1) for i in range(len(reductions) - 1))
-
-
-def test_gcw_site_is_the_main_path_not_the_projection_shortcut():
-    # a stage made of a single downsampling block: its last conv in graph order is the 1x1 shortcut
-    model = TinyResNet()
-    model.stages[2] = model.stages[2][0]
-    p = gcs.plan(model, torch.randn(2, 3, 32, 32))
-    assert p.gcw_sites[-1].module == "stages.2.conv2"
-
-
-def test_untraceable_submodule_becomes_a_recorded_leaf():
-    p = gcs.plan(WithUntraceable(), torch.randn(2, 3, 32, 32))
-    assert [leaf.module for leaf in p.leaves] == ["stages.1.1.0"]
-    assert "TraceError" in p.leaves[0].reason or "bool" in p.leaves[0].reason
-    assert "leaf: stages.1.1.0" in str(p)
 
 
 def test_printed_table_is_aligned_and_deterministic(tiny_resnet):
@@ -108,6 +26,8 @@ def test_printed_table_is_aligned_and_deterministic(tiny_resnet):
         "h2   relu_7   stages.1.1   16    2  16x16x16 NCHW  ODE1 h1->h2, GC-W stages.1.1.conv2",
         "h3   relu_11  stages.2.1   32    4  32x8x8 NCHW    ODE2 h2->h3, GC-W stages.2.1.conv2",
         "note: traces differently in train and eval mode; the states exist in both graphs",
+        "verified: eval and train mode: outputs, buffers and 47 parameter gradients bit-identical to the eager model "
+        "on a 2x3x16x16 batch",
     ]
 
 
@@ -139,100 +59,23 @@ def test_drawings(tiny_resnet, tmp_path):
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_error_no_downsampling():
-    with pytest.raises(GCSurgeryError, match="no spatial"):
-        gcs.plan(MLP(), torch.randn(2, 3, 32, 32))
-    with pytest.raises(GCSurgeryError, match="plain ViTs"):
-        gcs.plan(timm.create_model("test_vit"))
-    # ConvMixer-like: a patchify stem, then one resolution level; the stem and the last map made one same-level pair
-    isotropic = nn.Sequential(
-        nn.Conv2d(3, 8, 4, 4), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1)
-    )
-    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* at reduction \[4\]"):
-        gcs.plan(isotropic, torch.randn(2, 3, 32, 32))
-    # ViT-L's patches, reshaped to (B, 1024, 196) before the permute, are not 32x32 tokens at reduction 8
-    vit_l = VisionTransformer(image_size=224, patch_size=16, num_layers=1, num_heads=4, hidden_dim=1024, mlp_dim=64)
-    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* at reduction \[16\]"):
-        gcs.plan(vit_l, torch.randn(1, 3, 224, 224))
-
-
-def test_hrnet_parallel_streams_are_spanned_by_one_pair():
-    # the /4../32 streams run side by side; states are cut nodes only: the last map before the split, the merged map
-    p = gcs.plan(timm.create_model("hrnet_w18_small"), torch.randn(1, 3, 64, 64))
-    assert [(s.module, s.reduction) for s in p.states] == [("act1", 2), ("layer1.0.act3", 4), ("final_layer.2", 32)]
-    assert p.ode_pairs == ((0, 1), (1, 2))
-    assert "no hidden state at reduction 8, 16" in p.notes[0]
-
-
-def test_stochastic_depth_is_kept_whole_so_train_and_eval_graphs_match():
-    # inline, DropPath's train-mode ops renamed every later node and NextViT's states had no train counterpart
-    model = timm.create_model("test_convnext", drop_path_rate=0.5)
-    p = gcs.plan(model)
-    assert not any("train and eval" in n for n in p.notes)
-    gm, x = gcs.gcify(model, p), torch.randn(2, 3, 64, 64)
-    torch.manual_seed(0)
-    y = model.train()(x)
-    torch.manual_seed(0)
-    assert torch.equal(gm.train()(x), y)
-
-
-@pytest.mark.parametrize(
-    ("name", "kw", "last_blocks"), [("mvitv2_tiny", {"img_size": 64}, (0, 1, 4, 1)), ("pvt_v2_b0", {}, (1, 1, 1, 1))]
-)
-def test_token_stages_end_where_the_queries_downsample(name, kw, last_blocks):
-    # MViTv2's feat_size arithmetic ran beside the tokens and hid every cut node; both models pool keys and values
-    # to /32 inside /4 blocks, which is not where a stage ends
-    p = gcs.plan(timm.create_model(name, **kw), torch.randn(1, 3, 64, 64))
-    assert [s.reduction for s in p.states] == [4, 4, 8, 16, 32]
-    assert [s.module for s in p.gcw_sites] == [f"stages.{i}.blocks.{b}.mlp.fc2" for i, b in enumerate(last_blocks)]
-
-
-def test_attention_maps_are_not_a_resolution_level():
-    # CaiT's talking-heads linears mix (B, N, N, heads) attention maps: 64 tokens at 64 px look like reduction 1
-    cait = timm.create_model("cait_xxs24_224", depth=2, img_size=64, patch_size=8, embed_dim=24)
-    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* feature maps at reduction \[8\]"):
-        gcs.plan(cait, torch.randn(1, 3, 64, 64))
-
-
-def test_error_example_input_rank_and_channels(tiny_resnet):
-    with pytest.raises(GCSurgeryError, match=r"4-D image batch.*\(3, 32, 32\)"):
-        gcs.plan(tiny_resnet, torch.randn(3, 32, 32))
-    with pytest.raises(GCSurgeryError, match="has 1 channels.*expects 3"):
-        gcs.plan(tiny_resnet, torch.randn(2, 1, 32, 32))
-    with pytest.raises(GCSurgeryError, match="must be a tensor"):
-        gcs.plan(tiny_resnet, "image")
-
-
-def test_error_untraceable_model_names_the_module_and_suggests_leaf_modules():
-    class TopLevelBranch(TinyResNet):
-        def forward(self, x):
-            if x.mean() > 0:
-                x = -x
-            return super().forward(x)
-
-    with pytest.raises(GCSurgeryError, match=r"top-level TopLevelBranch.forward.*leaf_modules="):
-        gcs.plan(TopLevelBranch(), torch.randn(2, 3, 32, 32))
-
-
-def test_error_bad_leaf_modules(tiny_resnet):
-    with pytest.raises(GCSurgeryError, match=r"\['nope'\] that are not submodules"):
-        gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32), leaf_modules=["nope"])
-
-
-def test_error_not_a_module():
-    with pytest.raises(GCSurgeryError, match="expected a torch.nn.Module"):
-        gcs.plan(lambda x: x, torch.randn(1, 3, 32, 32))
-
-
 def test_bad_plan_data_is_refused(tiny_resnet):
     p = gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
     with pytest.raises(GCSurgeryError, match=r"GC-ODE pair \(2, 1\)"):
         Plan(**{**p.__dict__, "ode_pairs": ((2, 1),)})
 
 
-def test_tensors_with_the_batch_folded_in_are_not_feature_maps():
-    # TNT's inner pixel tokens are (B*196, 16, C) at 224 px: read as 4x4 maps of the batch, they made a state
-    # whose GC-ODE branch failed on batch size; with windows (Swin, HaloNet) folded alike, no level comes from them
-    tnt = timm.create_model("tnt_s_legacy_patch16_224", img_size=64, depth=2)
-    with pytest.raises(GCSurgeryError, match=r"no spatial downsampling .* feature maps at reduction \[4\]"):
-        gcs.gcify(tnt, example_inputs=torch.randn(2, 3, 64, 64))
+def test_readme_plan_table_is_what_plan_prints():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```\n\$ gcsurgery plan torchvision:resnet18\n(.*?)\n```", readme, re.S)
+    assert block, "the README shows no resnet18 plan"
+    assert block.group(1) == str(gcs.plan(torchvision.models.resnet18()))
+
+
+def test_the_planner_is_importable_from_plans():
+    from gcsurgery import plans, stages
+
+    assert plans.plan is stages.plan is gcs.plan
+    assert plans.default_example_inputs is stages.default_example_inputs
+    with pytest.raises(AttributeError, match="no attribute 'analyze'"):
+        plans.analyze  # noqa: B018

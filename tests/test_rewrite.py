@@ -216,10 +216,12 @@ def test_strip_refuses_wrapped_models_and_non_bool_flags(tiny_resnet, x32, proce
         gcs.strip(gm, keep_ode="no")
 
 
-def test_a_plan_edited_to_other_shapes_fails_at_the_first_forward(tiny_resnet, x32):
+def test_a_plan_edited_to_other_shapes_fails_at_gcify_or_the_first_forward(tiny_resnet, x32):
     p = gcs.plan(tiny_resnet, x32)
-    wider = tuple(dataclasses.replace(s, num_chs=s.num_chs + 1) for s in p.states)
-    gm = gcs.gcify(tiny_resnet, dataclasses.replace(p, states=wider))
+    wider = dataclasses.replace(p, states=tuple(dataclasses.replace(s, num_chs=s.num_chs + 1) for s in p.states))
+    with pytest.raises(GCSurgeryError, match=r"does not compute .* GC-ODE branch takes src of shape \(B, 9, H, W\)"):
+        gcs.gcify(tiny_resnet, wider)  # verification runs the rewritten graph
+    gm = gcs.gcify(tiny_resnet, wider, verify=False)
     with pytest.raises(GCSurgeryError, match=r"GC-ODE branch takes src of shape \(B, 9, H, W\).*gcsurgery.plan"):
         gm(x32)
 
