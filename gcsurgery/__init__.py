@@ -65,8 +65,8 @@ if TYPE_CHECKING:
     from .harness.models import cifar_resnet
     from .optim import GCOptimizer
     from .plans import GCWSite, Plan, State
-    from .stages import plan
     from .rewrite import gcify, is_gcified, strip
+    from .stages import plan
     from .wrappers import unwrap
 
 

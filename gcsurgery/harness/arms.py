@@ -31,8 +31,8 @@ from ..errors import GCSurgeryError
 from ..gcode import ODEOptions
 from ..gcw import GCWOptions
 from ..optim import GCOptimizer
-from ..plans import plan
 from ..rewrite import gcify
+from ..stages import plan
 from ..wrappers import unwrap
 
 __all__ = [

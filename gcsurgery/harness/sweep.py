@@ -91,8 +91,8 @@ def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     """Plans, gcifies and checks one model; returns a row of the coverage table."""
     import torch
 
-    from ..plans import default_example_inputs, plan
     from ..rewrite import gcify
+    from ..stages import default_example_inputs, plan
     from .models import build_model
 
     row = {"model": spec, "states": 0, "pairs": 0, "gcw": 0, "seconds": 0.0, "status": "", "detail": ""}
