@@ -159,6 +159,12 @@ def _pm(values, fmt="{:.3g}") -> str:
     return f"{fmt.format(m)} ± {s:.3g}"
 
 
+def _ratio(report: dict) -> float:
+    """h0's gradient norm over h_N's; nan where no gradient reaches h_N (a dead last state)."""
+    first, last = report["states"][0]["grad_norm"], report["states"][-1]["grad_norm"]
+    return first / last if last > 0 else float("nan")
+
+
 def _groups(report: dict) -> dict:
     return {g["name"]: g for g in report["groups"]}
 
@@ -179,7 +185,7 @@ def table(results: list[dict], models, arms) -> str:
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for arm, rs in runs.items():
                 cells = [_pm([r[when]["states"][i]["grad_norm"] for r in rs]) for i in range(len(states))]
-                cells.append(_pm([r[when]["states"][0]["grad_norm"] / r[when]["states"][-1]["grad_norm"] for r in rs]))
+                cells.append(_pm([_ratio(r[when]) for r in rs]))
                 cells += [_pm([_groups(r[when])[s]["coherence"] for r in rs]) for s in stages]
                 lines.append("| " + " | ".join([arm, *cells]) + " |")
             lines += ["", "| arm | " + " | ".join(f"GSNR {s}" for s in stages) + " |", "|---|" + "---|" * len(stages)]
@@ -193,13 +199,10 @@ def table(results: list[dict], models, arms) -> str:
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             base = {r["seed"]: r["final"] for r in runs["baseline"]}
 
-            def ratio(rep):
-                return rep["states"][0]["grad_norm"] / rep["states"][-1]["grad_norm"]
-
             for arm, rs in runs.items():
                 if arm == "baseline":
                     continue
-                cells = [_pm([ratio(r["final"]) - ratio(base[r["seed"]]) for r in rs], "{:+.3g}")]
+                cells = [_pm([_ratio(r["final"]) - _ratio(base[r["seed"]]) for r in rs], "{:+.3g}")]
                 for key in ("coherence", "gsnr"):
                     cells += [
                         _pm([_groups(r["final"])[s][key] - _groups(base[r["seed"]])[s][key] for r in rs], "{:+.3g}")
@@ -315,7 +318,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{args.model} [{arm}]: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f} in {args.steps} steps, "
               f"train {r['train_seconds']:.1f}s", flush=True)  # fmt: skip
     text = table(results, [args.model], arms)
-    settings = ("arm", "steps", "seed", "batch", "lr", "every", "samples", "calibration")
+    settings = ("arm", "steps", "seed", "batch", "lr", "momentum", "every", "samples", "calibration")
     line = f"gcsurgery diagnose {args.model} " + " ".join(f"--{k} {getattr(args, k)}" for k in settings)
     (out / "results.md").write_text(f"`{line}`\n\n{data.description}\n{text}")
     (out / "results.json").write_text(
