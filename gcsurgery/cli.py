@@ -1,4 +1,4 @@
-"""`gcsurgery` command line: `plan`, `sweep`, `demo`, on the harness (`gcsurgery.harness`).
+"""`gcsurgery` command line: `plan`, `sweep`, `demo`, `diagnose`, on the harness (`gcsurgery.harness`).
 
 torch and timm load only once a command runs, so ``--help`` and usage errors answer at once.
 """
@@ -69,6 +69,42 @@ def _cmd_demo(args) -> int:
     return run(args)
 
 
+def _add_diagnose_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", help="cifar_resnetDEPTH, cifar_plainDEPTH, timm:NAME, torchvision:NAME or package.module:factory"
+    )
+    parser.add_argument(
+        "--data", default="fashion-mnist", choices=("fashion-mnist",), help="the images (default: %(default)s)"
+    )
+    parser.add_argument("--data-dir", help="the Fashion-MNIST IDX files (default: Debian's, else the embedded subset)")
+    parser.add_argument("--subset", choices=("embedded", "full"), help="force the embedded 6000 images or the full set")
+    parser.add_argument(
+        "--arm",
+        default="gcgd",
+        help="baseline, gcw, gcode or gcgd, or a variant such as gcgd:ode.gate_init=0.1, set "
+        "beside the baseline (default: %(default)s)",
+    )
+    parser.add_argument("--steps", type=int, default=100, help="SGD steps between the two diagnoses (default: 100)")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights (both arms) and batch order (default: 0)")
+    parser.add_argument("--out", default="gcsurgery-diagnose", help="where results.md/json and the PNGs go")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch", type=int, default=64, help="images per step (default: 64)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD's constant lr, no weight decay (default: 0.1)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum (default: 0.9)")
+    parser.add_argument("--every", type=int, default=10, help="the GradientRecorder's period in steps (default: 10)")
+    parser.add_argument("--samples", type=int, default=128, help="training images diagnosed (default: 128)")
+    parser.add_argument("--calibration", type=int, default=1280, help="images for BatchNorm statistics at insertion")
+
+
+def _cmd_diagnose(args) -> int:
+    from .harness.names import check_model_name
+
+    check_model_name(args.model)  # a typo is answered before torch loads
+    from .harness.diagnosis import main as diagnose_main
+
+    return diagnose_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .harness.demo import add_arguments as add_demo_arguments
     from .harness.sweep import add_arguments as add_sweep_arguments
@@ -104,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="baseline vs GCGD, side by side, on the embedded Fashion-MNIST")
     add_demo_arguments(d)
     d.set_defaults(func=_cmd_demo)
+
+    g = sub.add_parser(
+        "diagnose",
+        help="gradient-flow diagnostics of an arm beside the baseline, at insertion and after N steps",
+        description="Trains the baseline and --arm from the same weights on the same Fashion-MNIST batches and "
+        "measures, at insertion and after --steps SGD steps, the per-sample gradient norm at h0..hN and the "
+        "coherence and GSNR of each stage's weight gradient (docs/diagnostics.md); prints the tables and writes "
+        "OUT/results.md, results.json, norm_profile.png and coherence.png.",
+    )
+    _add_diagnose_arguments(g)
+    g.set_defaults(func=_cmd_diagnose)
     return parser
 
 

@@ -20,7 +20,7 @@ CHOICES = {
     "schedule": ("cosine", "constant"),
 }
 # the fields that do not change what a run computes, so a resumed run may differ in them
-HOW_FIELDS = ("data_dir", "workers", "out_dir", "resume", "device", "quiet", "compile")
+HOW_FIELDS = ("data_dir", "workers", "out_dir", "resume", "device", "quiet", "compile", "diagnose_every")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -67,6 +67,8 @@ class RunConfig:
         limit_train_batches: train on the first N batches of each epoch only (quick checks).
         limit_eval_batches: evaluate on the first N batches only (quick checks).
         eval_untrained: also evaluate the untrained model, as epoch 0 of the history.
+        diagnose_every: record the GradientRecorder's step-to-step gradient diagnostics every K steps into
+            metrics.jsonl, one line per recorded step (0: off; it does not change the training).
         device: auto (CUDA when present), cpu, cuda or cuda:<i>.
         quiet: no progress bars and no per-epoch lines.
     """
@@ -107,6 +109,7 @@ class RunConfig:
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     eval_untrained: bool = False
+    diagnose_every: int = 0
     device: str = "auto"
     quiet: bool = False
 
@@ -117,6 +120,8 @@ class RunConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise GCSurgeryError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.diagnose_every < 0:
+            raise GCSurgeryError(f"diagnose_every must be 0 (off) or a number of steps >= 1, got {self.diagnose_every}")
         from .arms import arm_spec, check_optimizer  # torch is needed from here on
 
         arm_spec(self)  # a bad arm, --gcw or --ode fails here, before any data is read

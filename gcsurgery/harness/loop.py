@@ -85,13 +85,21 @@ def train_one_epoch(
     limit_batches: int | None = None,
     progress: bool = False,
     desc: str = "train",
+    recorder=None,
+    first_step: int = 0,
 ) -> dict[str, float]:
     """Trains one pass over ``loader`` (or its first ``limit_batches`` batches), stepping ``scheduler`` per step.
+
+    Args:
+        recorder: a `gcsurgery.GradientRecorder`, called after each backward (gradients unscaled) and each
+            optimizer step; it only reads, so the training is the same with or without it.
+        first_step: the global step number of this pass's first step (the recorder's step count).
 
     Returns:
         ``loss`` and ``acc`` (means over the examples seen), ``steps``, ``seconds`` (wall time of the
         loop), ``step_time`` (seconds per step), and ``cpu_seconds`` / ``cpu_step_time``, the same in this
-        process's CPU time (all its threads), which other jobs on a shared machine do not inflate.
+        process's CPU time (all its threads), which other jobs on a shared machine do not inflate. With a
+        recorder, ``diagnostics``: its records completed during the pass, as ``recorder.flat`` dicts.
     """
     from tqdm.auto import tqdm
 
@@ -100,6 +108,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = steps = 0
+    diagnostics = []
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     start, cpu_start = time.perf_counter(), time.process_time()
     for x, y in loader:  # (B, C, H, W), (B,)
@@ -112,13 +121,22 @@ def train_one_epoch(
             logits = model(x)  # (B, num_classes)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
+        step = first_step + steps
         if scaler is not None:
             scaler.scale(loss).backward()
+            if recorder is not None:
+                scaler.unscale_(optimizer)  # the recorder reads the gradients the optimizer will see
+                recorder.after_backward(step)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if recorder is not None:
+                recorder.after_backward(step)
             optimizer.step()
+        if recorder is not None:
+            recorder.after_step(step)
+            diagnostics += [recorder.flat(r) for r in recorder.pop_complete()]
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss.detach().double() * len(y)
@@ -132,7 +150,7 @@ def train_one_epoch(
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     bar.close()
     stats = _all_reduce([loss_sum, correct.double(), float(seen)], device)
-    return {
+    out = {
         "loss": stats[0] / max(stats[2], 1),
         "acc": stats[1] / max(stats[2], 1),
         "steps": steps,
@@ -141,6 +159,9 @@ def train_one_epoch(
         "cpu_seconds": cpu_seconds,
         "cpu_step_time": cpu_seconds / max(steps, 1),
     }
+    if recorder is not None:
+        out["diagnostics"] = diagnostics
+    return out
 
 
 @torch.no_grad()

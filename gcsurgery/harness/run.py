@@ -2,7 +2,8 @@
 
 A Run owns the model of its arm, the optimizer, the schedule, the history of its epochs, the best
 validation epoch and its weights, atomic checkpoints (a killed job leaves the last one intact), resume
-checks (a checkpoint made with other settings is refused), ``metrics.jsonl`` and the summary. Several
+checks (a checkpoint made with other settings is refused), ``metrics.jsonl`` (one line per epoch; with
+``diagnose_every`` also one ``diag/...`` line per recorded step, before its epoch's line) and the summary. Several
 Runs can train in turns, one epoch each (the benchmark and the demo do), since each keeps its own state
 and every epoch's random draws depend only on ``(seed, epoch)``.
 """
@@ -20,7 +21,9 @@ import torch
 from .._version import __version__
 from ..checkpoint import KEY as GC_CHECKPOINT_KEY
 from ..checkpoint import checkpoint, restore
+from ..diagnostics import GradientRecorder
 from ..errors import GCSurgeryError
+from ..plans import plan as make_plan
 from ..rewrite import is_gcified
 from .arms import arm_spec, build_arm, build_optimizer
 from .config import RunConfig, config_diff
@@ -29,7 +32,7 @@ from .loop import evaluate, gc_summary, make_schedule, seed_epoch, train_one_epo
 from .models import build_model
 from .report import plot_curves
 
-__all__ = ["Run", "RunFiles", "format_epoch", "save_atomic"]
+__all__ = ["Run", "RunFiles", "format_epoch", "metric_lines", "save_atomic"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,13 @@ def save_atomic(obj, path: Path) -> None:
 
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def metric_lines(row: dict) -> str:
+    """A history row as metrics.jsonl text: its step diagnostics (``diag/...`` keys), one line each, then the row."""
+    diag = row.get("diagnostics", [])
+    rest = {k: v for k, v in row.items() if k != "diagnostics"}
+    return "".join(json.dumps(d) + "\n" for d in diag) + json.dumps(rest) + "\n"
 
 
 def format_epoch(run: "Run", row: dict) -> str:
@@ -123,6 +133,11 @@ class Run:
                 self.sites = tuple(ckpt.get("gcw_sites", self.sites))
         else:
             model, self.sites = build_arm(model, self.spec, example_inputs=torch.zeros(2, *data.input_shape))
+        plan = None
+        if cfg.diagnose_every and rank == 0 and not is_gcified(model):  # the recorder's stages of a plain model
+            with torch.random.fork_rng(devices=[]):
+                plan = make_plan(model, example_inputs=torch.zeros(2, *data.input_shape))
+            model.train()
         memory = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.model = model.to(self.device, memory_format=memory)
         self.net = self.model  # order: gcify -> DDP -> compile
@@ -142,6 +157,9 @@ class Run:
             lookahead=self.spec.arm == "lookahead",
             **kwargs,
         )
+        self.recorder = None
+        if cfg.diagnose_every and self.lead:
+            self.recorder = GradientRecorder(self.model, plan, every=cfg.diagnose_every, optimizer=self.opt)
         n = len(data.train) if cfg.limit_train_batches is None else min(len(data.train), cfg.limit_train_batches)
         self.steps_per_epoch = n
         warmup = min(round(cfg.warmup_epochs * n), cfg.epochs * n)
@@ -159,7 +177,7 @@ class Run:
             self.history.append({**self._validate(0), "train_time": 0.0, "cpu_time": 0.0})
         if self.lead and self.files.metrics is not None:
             self.files.metrics.parent.mkdir(parents=True, exist_ok=True)
-            self.files.metrics.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            self.files.metrics.write_text("".join(metric_lines(row) for row in self.history))
 
     @property
     def lead(self) -> bool:
@@ -259,6 +277,7 @@ class Run:
             self.net, train, self.opt, scheduler=self.sched, scaler=self.scaler,
             label_smoothing=self.cfg.label_smoothing, limit_batches=self.cfg.limit_train_batches,
             progress=progress, desc=f"{self.cfg.arm}, epoch {epoch + 1}/{self.cfg.epochs}", **self._eval_kw(),
+            recorder=self.recorder, first_step=epoch * self.steps_per_epoch,
         )  # fmt: skip
         row = self._validate(epoch + 1)
         last = self.history[-1] if self.history else {}
@@ -270,6 +289,8 @@ class Run:
         )  # fmt: skip
         if (gc := gc_summary(self.opt)) is not None:
             row["gc_stats"] = gc
+        if "diagnostics" in tr:
+            row["diagnostics"] = tr["diagnostics"]
         row["epoch_time"] = time.perf_counter() - start
         self.history.append(row)
         if self.lead:
@@ -277,7 +298,7 @@ class Run:
                 self._save_checkpoint()
             if self.files.metrics is not None:
                 with open(self.files.metrics, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(metric_lines(row))
         return row
 
     def finish(self) -> dict:

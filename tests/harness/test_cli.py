@@ -106,3 +106,36 @@ def test_a_plan_written_by_the_cli_applies_to_the_model_built_in_python(capsys):
     x = torch.randn(2, 1, 32, 32)
     model.eval(), gm.eval()
     assert torch.equal(gm(x), model(x))
+
+
+def test_diagnose_prints_the_table_and_writes_the_plots(capsys, tmp_path):
+    argv = ["diagnose", "cifar_resnet20", "--arm", "gcw", "--steps", "2", "--samples", "4", "--calibration", "16"]
+    argv += ["--batch", "8", "--every", "1", "--subset", "embedded", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "### cifar_resnet20, at insertion" in out and "### cifar_resnet20, after training" in out
+    rows = [
+        line.split(" | ")[0] for line in out.splitlines() if line.startswith("| baseline") or line.startswith("| gcw")
+    ]
+    assert rows.count("| baseline") == rows.count("| gcw") - 4 == 5  # 4 more: the paired table and the GC-W sites
+    assert "| gcw | layer3.2.conv2.weight |" in out and "E‖∂ℓ/∂h3‖" in out
+    for name in ("norm_profile.png", "coherence.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["arm"] for r in saved["results"]] == ["baseline", "gcw"] and saved["config"]["steps"] == 2
+    assert len(saved["results"][1]["losses"]) == 2 and saved["results"][0]["insertion"]["samples"] == 4
+    assert (tmp_path / "results.md").read_text().startswith("`gcsurgery diagnose cifar_resnet20 --arm gcw --steps 2")
+
+
+def test_diagnose_refuses_bad_settings_before_training(capsys, tmp_path):
+    assert main(["diagnose", "resnet20", "--out", str(tmp_path)]) == 2
+    assert "cifar_resnetDEPTH" in capsys.readouterr().err
+    assert main(["diagnose", "cifar_resnet20", "--arm", "lookahead", "--out", str(tmp_path)]) == 2
+    assert "diagnose compares one of ['baseline', 'gcw', 'gcode', 'gcgd']" in capsys.readouterr().err
+    assert main(["diagnose", "cifar_resnet20", "--steps", "0", "--out", str(tmp_path)]) == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_diagnose_help_does_not_load_torch():
+    code = "import sys; from gcsurgery.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -63,3 +63,30 @@ def test_setup_device_refuses_a_bad_name():
     assert setup_device("cpu") == (torch.device("cpu"), 0, 1)
     with pytest.raises(GCSurgeryError, match="unknown device 'gpu0'"):
         setup_device("gpu0")
+
+
+def test_the_recorder_reads_unscaled_gradients_and_changes_nothing():
+    from gcsurgery import GradientRecorder, plan
+
+    from .factories import tiny_net
+
+    images, labels = torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8), torch.arange(24) % 2
+    loader = TensorLoader(images, labels, batch_size=4, pad_to=None, shuffle=False)
+    out = {}
+    for case in ("plain", "recorded", "scaled"):
+        torch.manual_seed(0)
+        model = tiny_net(in_chans=1, num_classes=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rec = GradientRecorder(model, plan(model, torch.zeros(2, 1, 8, 8)), every=2) if case != "plain" else None
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if case == "scaled" else None
+        stats = train_one_epoch(
+            model, loader, opt, device=torch.device("cpu"), scaler=scaler, recorder=rec, first_step=4
+        )
+        out[case] = (model.state_dict(), stats, rec)
+    for case in ("recorded", "scaled"):  # the recorder only reads; scaling by 2**10 and back is exact
+        assert all(torch.equal(v, out["plain"][0][k]) for k, v in out[case][0].items())
+    assert "diagnostics" not in out["plain"][1]
+    rec, diag = out["recorded"][2], out["recorded"][1]["diagnostics"]
+    assert [r["step"] for r in rec.records] == [4, 6, 8] and [d["diag/step"] for d in diag] == [4, 6]
+    # the recorder keeps the gradient the optimizer steps with: unscaled under a GradScaler
+    assert out["scaled"][1]["diagnostics"] == diag and diag[0]["diag/stem/grad_norm"] > 0

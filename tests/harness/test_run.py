@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gcsurgery.errors import GCSurgeryError
-from gcsurgery.harness.config import RESULT_FIELDS, RunConfig, config_diff
+from gcsurgery.harness.config import RESULT_FIELDS, RunConfig, build_parser, config_diff
 from gcsurgery.harness.datasets import build_data
 from gcsurgery.harness.run import Run, RunFiles
 
@@ -67,3 +67,27 @@ def test_in_dir_names():
         "summary.json",
         "val_acc.png",
     ]
+
+
+@pytest.mark.parametrize("arm", ["gcw", "gcode"])
+def test_diagnose_every_writes_step_diagnostics_and_leaves_the_training_as_it_was(data, tmp_path, arm):
+    cfg = dict(subset="embedded", arm=arm, **{**TINY, "limit_train_batches": 3})
+    off = Run(RunConfig(**cfg), data)
+    off.fit()
+    on = Run(RunConfig(diagnose_every=2, **cfg), data, files=RunFiles(metrics=tmp_path / "m.jsonl"))
+    on.fit()
+    assert all(torch.equal(v, off.model.state_dict()[k]) for k, v in on.model.state_dict().items())
+    assert [r["val_loss"] for r in on.history] == [r["val_loss"] for r in off.history]
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    # 6 steps: records at 0, 2, 4; a record is complete once its steps t + 1 and t + 2 have passed
+    assert [("diag/step" in r, r.get("epoch"), r.get("diag/step")) for r in lines] == [
+        (False, 1, None), (True, None, 0), (True, None, 2), (False, 2, None),
+    ]  # fmt: skip
+    d = lines[1]
+    assert {"diag/stem/grad_norm", "diag/stage3/cos_next", "diag/head/cos_step"} <= set(d)
+    assert -1 <= d["diag/stage1/cos_next"] <= 1 and -1 <= d["diag/stage1/cos_step"] <= 1
+    assert ("diag/layer3.2.conv2.weight/ratio" in lines[2]) == (arm == "gcw")  # GC-W's own statistics
+    assert "diagnostics" not in lines[0] and len(on.history[1]["diagnostics"]) == 2
+    with pytest.raises(GCSurgeryError, match="diagnose_every must be 0"):
+        RunConfig(diagnose_every=-1)
+    assert build_parser().parse_args(["--diagnose-every", "5"]).diagnose_every == 5  # recipes/train.py's option
