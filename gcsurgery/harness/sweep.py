@@ -87,8 +87,25 @@ def _torchvision_example(spec: str, model) -> "torch.Tensor | None":
     return torch.randn(1, 3, size, size)
 
 
+def check_gradients(model, gm, x, mode: str) -> None:
+    """Every original parameter's gradient of sum(output) is bit-identical in the gcified model (same RNG)."""
+    import torch
+
+    grads = []
+    for net in (model, gm):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        _first(net(x)).float().sum().backward()
+        grads.append({n: q.grad for n, q in net.named_parameters()})
+    for name, g0 in grads[0].items():
+        g1 = grads[1].get(name)
+        if (g0 is None) != (g1 is None) or (g0 is not None and not torch.equal(g0, g1)):
+            diff = "missing" if g0 is None or g1 is None else f"max diff {(g0 - g1).abs().max().item():.3g}"
+            raise AssertionError(f"gradient of {name} not exact in {mode} mode ({diff})")
+
+
 def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
-    """Plans, gcifies and checks one model; returns a row of the coverage table."""
+    """Plans, gcifies and checks one model (outputs and every parameter gradient); returns a coverage-table row."""
     import torch
 
     from ..rewrite import gcify
@@ -122,9 +139,7 @@ def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
                 if not torch.equal(y0, y1):
                     diff = (y0 - y1).abs().max().item()
                     raise AssertionError(f"not exact in {'train' if mode else 'eval'} mode (max diff {diff:.3g})")
-            gm.train()
-            torch.manual_seed(1)
-            _first(gm(x)).float().sum().backward()
+                check_gradients(model, gm, x, "train" if mode else "eval")
             branch_params = [n for n, q in gm.named_parameters() if n.startswith("gc.") and q.grad is None]
             if branch_params:
                 raise AssertionError(f"GC-ODE parameters without gradient: {branch_params[:3]}")

@@ -1,8 +1,14 @@
 """`gcsurgery sweep` and its parts: the coverage rows, the Markdown, the torchvision input sizes."""
 
+import copy
 import json
 
+import pytest
+import torch
+from torch import nn
+
 from gcsurgery.cli import main
+from gcsurgery.harness.sweep import check_gradients, check_model
 
 
 def test_sweep_on_selected_models(tmp_path, capsys):
@@ -36,3 +42,18 @@ def test_sweep_takes_torchvision_input_sizes_from_the_model_then_its_weights():
     # built without weights, ViT-H/14 takes 224: the model's own image_size wins
     assert _torchvision_example("torchvision:vit_h_14", SimpleNamespace(image_size=224)).shape[-1] == 224
     assert _torchvision_example("timm:resnet18", None) is None
+
+
+def test_check_model_compares_outputs_and_every_gradient():
+    row = check_model("harness.factories:tiny_net")
+    assert (row["status"], row["pairs"], row["gcw"]) == ("ok", 3, 3), row["detail"]
+
+
+def test_a_gradient_that_differs_is_a_mismatch_naming_the_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
+    twin = copy.deepcopy(model)
+    twin[2].weight.register_hook(lambda g: -g)  # same forward, the backward of one weight flipped
+    check_gradients(model, model, torch.randn(2, 3, 32, 32), "eval")
+    with pytest.raises(AssertionError, match=r"gradient of 2\.weight not exact in train mode"):
+        check_gradients(model, twin, torch.randn(2, 3, 32, 32), "train")
