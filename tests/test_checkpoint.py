@@ -99,3 +99,18 @@ def test_restore_refuses_a_damaged_checkpoint(saved, edit, pattern):
     edit(ckpt)
     with pytest.raises(gcs.GCSurgeryError, match=pattern):
         restore(TinyResNet(), ckpt)
+
+
+def test_restore_refuses_another_head_by_the_saved_weights_and_keeps_old_checkpoints(saved):
+    with pytest.raises(
+        gcs.GCSurgeryError, match=r"this checkpoint's 'fc.weight' is \(10, 32\), but the TinyResNet given has \(5, 32\)"
+    ):
+        restore(TinyResNet(num_classes=5), saved)
+    old = {**saved, "gcsurgery": dict(saved["gcsurgery"])}
+    plan = dict(old["gcsurgery"]["plan"])
+    del plan["fingerprint_format"], plan["depends_on"]  # written before the fingerprint's format 2
+    plan["fingerprint"] = gcs.plans.fingerprint(TinyResNet())
+    old["gcsurgery"]["plan"] = plan
+    torch.manual_seed(0)
+    gm = restore(TinyResNet(), old)
+    assert gm.gc_plan.fingerprint_format == 1

@@ -79,3 +79,48 @@ def test_the_planner_is_importable_from_plans():
     assert plans.default_example_inputs is stages.default_example_inputs
     with pytest.raises(AttributeError, match="no attribute 'analyze'"):
         plans.analyze  # noqa: B018
+
+
+# -- the fingerprint: what a plan depends on ------------------------------------------------------------------
+
+
+def test_a_plan_fits_the_same_body_with_another_head_and_names_the_first_differing_parameter():
+    from conftest import TinyResNet
+
+    p = gcs.plan(TinyResNet(num_classes=10), (2, 3, 32, 32), verify=False)
+    assert p.fingerprint_format == 2 and p.depends_on[0] == ("stem.0.weight", (8, 3, 3, 3))
+    assert not any(name.startswith("fc.") for name, _ in p.depends_on)
+    assert Plan.from_json(p.to_json()) == p
+    gm = gcs.gcify(TinyResNet(num_classes=5), p)  # another head: the plan fits
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    with pytest.raises(
+        GCSurgeryError,
+        match=r"made for a TinyResNet \[fingerprint \w+\], but the model is a TinyResNet \[fingerprint \w+\] \(before "
+        r"the last state, parameter 'stages.2.0.conv1.weight' is \(32, 16, 3, 3\) in the plan's model and "
+        r"\(64, 16, 3, 3\) in this one\)",
+    ):
+        gcs.gcify(TinyResNet(widths=(8, 16, 64)), p)
+
+
+def test_a_torchvision_plan_fits_the_model_with_ten_classes():
+    p = gcs.plan(torchvision.models.resnet18(), (1, 3, 32, 32), verify=False)
+    gm = gcs.gcify(torchvision.models.resnet18(num_classes=10), p, verify=False)
+    assert gm(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(
+        GCSurgeryError, match=r"but the model is a ResNet \[fingerprint \w+\] \(before the last state, "
+    ):
+        gcs.gcify(torchvision.models.resnet34(), p, verify=False)
+
+
+def test_old_plans_with_a_whole_state_dict_fingerprint_still_apply():
+    from conftest import TinyResNet
+
+    model = TinyResNet()
+    d = gcs.plan(model, (2, 3, 32, 32), verify=False).to_dict()
+    del d["fingerprint_format"], d["depends_on"]  # a plan written before format 2
+    d["fingerprint"] = gcs.plans.fingerprint(model)
+    old = Plan.from_dict(d)
+    assert old.fingerprint_format == 1
+    gcs.gcify(model, old, verify=False)
+    with pytest.raises(GCSurgeryError, match=r"old format 1, over the whole state dict with the classifier head"):
+        gcs.gcify(TinyResNet(num_classes=5), old, verify=False)
