@@ -12,6 +12,7 @@ import json
 from torch import nn
 
 from .errors import GCSurgeryError
+from .layouts import spatial_size
 from .trace import Leaf
 
 __all__ = [
@@ -24,6 +25,10 @@ __all__ = [
 ]  # and, from stages, the planner: see __getattr__
 
 PLAN_FORMAT = 1
+COLUMNS = (
+    "(h_i: hidden state; node: fx node, module: the module making it; chs: channels; red: reduction, input size / "
+    "map size; shape: per sample, in its layout; inserts: the GC-ODE pair ending at h_i, the GC-W site of its stage)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +212,7 @@ class Plan:
         for r in rows:
             cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))]
             lines.append("  ".join(cells).rstrip())
+        lines.append(COLUMNS)
         if self.leaf_modules:
             lines.append(f"leaf_modules: {', '.join(self.leaf_modules)}")
         lines += [f"leaf: {leaf.module} ({leaf.reason})" for leaf in self.leaves]
@@ -237,34 +243,42 @@ class Plan:
         import matplotlib.pyplot as plt
 
         n = len(self.states)
-        fig, ax = plt.subplots(figsize=(max(6, 2.4 * n), 3.2))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * n), 2.1))
         for i, s in enumerate(self.states):
-            gcw = any(site.state == i for site in self.gcw_sites)
+            sites = [site.module for site in self.gcw_sites if site.state == i]
+            hw = "x".join(map(str, spatial_size(s.layout, s.shape)))
+            label = f"h{i}  /{s.reduction}\n{s.module or s.node}\n{s.num_chs} ch, {hw}"
             ax.text(
                 i,
                 0,
-                f"h{i}\n{s.node}\n{s.num_chs} ch, /{s.reduction}" + ("\nGC-W" if gcw else ""),
+                label + "".join(f"\nGC-W {m}" for m in sites),
                 ha="center",
                 va="center",
                 fontsize=8,
-                bbox={"boxstyle": "round", "fc": "lightyellow" if gcw else "white", "ec": "black"},
+                bbox={"boxstyle": "round,pad=0.4", "fc": "lightyellow" if sites else "white", "ec": "black"},
             )
             if i:
-                ax.annotate("", (i - 0.32, 0), (i - 1 + 0.32, 0), arrowprops={"arrowstyle": "->"})
+                ax.annotate("", (i - 0.42, 0), (i - 1 + 0.42, 0), arrowprops={"arrowstyle": "->"})
         for k, (a, b) in enumerate(self.ode_pairs):
             ax.annotate(
                 "",
-                (b, 0.32),
-                (a, 0.32),
-                arrowprops={"arrowstyle": "->", "color": "tab:blue", "ls": "--", "connectionstyle": "arc3,rad=-0.4"},
+                (b, 0.3),
+                (a, 0.3),
+                arrowprops={"arrowstyle": "->", "color": "tab:blue", "ls": "--", "connectionstyle": "arc3,rad=-0.35"},
             )
-            ax.text((a + b) / 2, 0.62 + 0.1 * (b - a - 1), f"ODE{k}", color="tab:blue", ha="center", fontsize=8)
-        ax.set_xlim(-0.7, n - 0.3)
-        ax.set_ylim(-0.6, 1.1)
+            ax.text((a + b) / 2, 0.5 + 0.12 * (b - a - 1), f"ODE{k}", color="tab:blue", ha="center", fontsize=8)
+        top = 0.6 + 0.12 * max((b - a - 1 for a, b in self.ode_pairs), default=0)
+        ax.set_xlim(-0.55, n - 0.45)
+        ax.set_ylim(-0.3, top)
         ax.axis("off")
-        ax.set_title(f"{self.model}: {len(self.ode_pairs)} GC-ODE pairs, {len(self.gcw_sites)} GC-W sites", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        shape = "x".join(map(str, self.input_shape))
+        ax.set_title(
+            f"{self.model} on {shape}: {len(self.ode_pairs)} GC-ODE pairs (blue), "
+            f"{len(self.gcw_sites)} GC-W sites (yellow)",
+            fontsize=9,
+        )
+        fig.tight_layout(pad=0.3)
+        fig.savefig(path, dpi=130)
         plt.close(fig)
 
 

@@ -497,7 +497,8 @@ def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
     return example
 
 
-def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
+def _cross_check(model: nn.Module, states: tuple[State, ...], input_shape: tuple[int, ...]) -> list[str]:
+    """Notes comparing the states with timm's `feature_info`, with the reason for each difference."""
     info = getattr(model, "feature_info", None)
     try:
         stages = [(f["num_chs"], f["reduction"], f.get("module", "")) for f in info]
@@ -506,7 +507,7 @@ def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
     if not stages:
         return []
     have = {(s.num_chs, s.reduction) for s in states}
-    missing = [f"{m} ({c} ch, /{r})" for c, r, m in stages if (c, r) not in have]
+    missing = [(c, r, m) for c, r, m in stages if (c, r) not in have]
     if not missing and len(stages) == len(states):
         return [f"matches all {len(stages)} stages of timm's feature_info"]
     if not missing:
@@ -514,7 +515,37 @@ def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
             f"timm's feature_info has {len(stages)} stages, this plan {len(states)} states; "
             "each stage's (channels, reduction) is among the states"
         ]
-    return [f"differs from timm's feature_info at: {', '.join(missing)}"]
+    hw = tuple(input_shape[2:])
+    size = "x".join(map(str, hw))
+    intended, other = [], []
+    for c, r, m in missing:
+        what = f"{m} ({c} ch, /{r})"
+        at = [s for s in states if s.reduction == r]
+        if at and r == states[-1].reduction and at[-1] is states[-1]:
+            s = at[-1]
+            intended.append(
+                f"{what}: the plan's last state is {s.module or s.node} ({s.num_chs} ch, /{r}), the last feature map "
+                f"before global pooling, so the last stage's GC-ODE pair and GC-W site cover the layers after {m} too"
+            )
+        elif at:
+            s = at[-1]
+            other.append(
+                f"{what}: the plan's state at /{r} is {s.module or s.node} ({s.num_chs} ch), by the state rule (the "
+                f"cut node before the block that leaves /{r}, or the stem output; docs/design.md)"
+            )
+        elif hw and all(d // r <= 1 for d in hw):
+            other.append(
+                f"{what} not a state: its map is 1x1 at this input size ({size}), read as pooled features, not a "
+                f"resolution level; plan with example_inputs of at least {2 * r}x{2 * r} to have it"
+            )
+        else:
+            other.append(f"{what} not a state: no node at /{r} lies on every input-to-output path")
+    notes = []
+    if intended:
+        notes.append(f"differs from timm's feature_info as intended at: {'; '.join(intended)}")
+    if other:
+        notes.append(f"differs from timm's feature_info at: {'; '.join(other)}")
+    return notes
 
 
 def plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify: bool = True) -> Plan:
@@ -612,7 +643,7 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
                 f"blocks whose forward branches on self.training."
             )
         notes.append("traces differently in train and eval mode; the states exist in both graphs")
-    notes += _cross_check(model, states)
+    notes += _cross_check(model, states, tuple(example.shape))
     sites = tuple(GCWSite(s.gcw_module, s.gcw_param, i) for i, s in enumerate(result.states) if s.gcw_param)
     depends_on = body_entries(model, traced.eval.graph, states[-1].node)
     p = Plan(

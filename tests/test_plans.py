@@ -25,6 +25,9 @@ def test_printed_table_is_aligned_and_deterministic(tiny_resnet):
         "h1   relu_3   stages.0.1    8    1  8x32x32 NCHW   ODE0 h0->h1, GC-W stages.0.1.conv2",
         "h2   relu_7   stages.1.1   16    2  16x16x16 NCHW  ODE1 h1->h2, GC-W stages.1.1.conv2",
         "h3   relu_11  stages.2.1   32    4  32x8x8 NCHW    ODE2 h2->h3, GC-W stages.2.1.conv2",
+        "(h_i: hidden state; node: fx node, module: the module making it; chs: channels; red: reduction, input size "
+        "/ map size; shape: per sample, in its layout; inserts: the GC-ODE pair ending at h_i, the GC-W site of its "
+        "stage)",
         "note: traces differently in train and eval mode; the states exist in both graphs",
         "verified: eval and train mode: outputs, buffers and 47 parameter gradients bit-identical to the eager model "
         "on a 2x3x16x16 batch",
@@ -55,8 +58,24 @@ def test_drawings(tiny_resnet, tmp_path):
     p = gcs.plan(tiny_resnet, torch.randn(2, 3, 32, 32))
     dot = p.to_dot()
     assert dot.startswith("digraph plan {") and "h0 -> h1 [style=dashed" in dot and dot.count("->") == 6
-    p.draw(tmp_path / "plan.png")
+    import matplotlib.figure
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        drawn.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return save(fig, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = savefig
+    try:
+        p.draw(tmp_path / "plan.png")
+    finally:
+        matplotlib.figure.Figure.savefig = save
     assert (tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    boxes = [t for t in drawn if t.startswith("h")]
+    assert len(boxes) == 4 and boxes[0] == "h0  /1\nstem.2\n8 ch, 32x32"
+    assert [t.splitlines()[-1] for t in boxes[1:]] == [f"GC-W {s.module}" for s in p.gcw_sites]
 
 
 def test_bad_plan_data_is_refused(tiny_resnet):

@@ -89,6 +89,25 @@ def test_size_from_torchvision_weights_kept_on_the_model_and_a_warning_when_decl
         assert gcs.plan(model, verify=False).input_shape == (1, 3, 64, 64)
 
 
+def test_differences_from_feature_info_say_why():
+    p = gcs.plan(timm.create_model("resnet18"), (1, 3, 32, 32), verify=False)
+    assert (
+        "differs from timm's feature_info at: layer4 (512 ch, /32) not a state: its map is 1x1 at this input "
+        "size (32x32), read as pooled features, not a resolution level; plan with example_inputs of at least "
+        "64x64 to have it" in p.notes
+    )
+    assert (
+        "matches all 5 stages of timm's feature_info"
+        in gcs.plan(timm.create_model("resnet18"), (1, 3, 64, 64), verify=False).notes
+    )
+    p = gcs.plan(timm.create_model("efficientnet_b0"), (1, 3, 224, 224), verify=False)
+    assert [n for n in p.notes if "feature_info" in n] == [
+        "differs from timm's feature_info as intended at: blocks.6 (320 ch, /32): the plan's last state is bn2 "
+        "(1280 ch, /32), the last feature map before global pooling, so the last stage's GC-ODE pair and GC-W site "
+        "cover the layers after blocks.6 too"
+    ]
+
+
 def test_plan_restores_mode_and_leaves_model_untouched(tiny_resnet):
     before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
     tiny_resnet.eval()
