@@ -14,8 +14,8 @@ from torch import nn
 from ._version import __version__
 from .errors import GCSurgeryError
 from .gcode import ODEOptions
-from .plans import Plan, fingerprint
-from .rewrite import GCGraphModule, gcify, is_gcified
+from .plans import Plan
+from .rewrite import GCGraphModule, gcify, is_gcified, plan_mismatch
 from .wrappers import is_wrapped, wrapper_attr
 
 __all__ = ["checkpoint", "restore"]
@@ -86,13 +86,22 @@ def restore(model: nn.Module, ckpt: dict, *, inplace: bool = False) -> GCGraphMo
     plan = Plan.from_dict(meta["plan"])
     # gcify explains the others
     plain = isinstance(model, nn.Module) and not is_wrapped(model) and not is_gcified(model)
-    fp = fingerprint(model) if plain else ""
-    if plan.fingerprint and fp and fp != plan.fingerprint:
+    why = plan_mismatch(model, plan) if plain else None
+    if why:
         raise GCSurgeryError(
             f"this checkpoint was saved from a gcified {plan.model} [fingerprint {plan.fingerprint}], but the model "
-            f"given is a {type(model).__name__} [fingerprint {fp}] (parameter names or shapes differ); pass a plain "
-            "model built exactly as the one that was trained (same constructor and arguments), before gcify."
+            f"given is a {why}; pass a plain model built exactly as the one that was trained (same constructor and "
+            "arguments), before gcify."
         )
+    if plain and isinstance(ckpt["model"], dict):  # the head is not in the plan's fingerprint, but the weights fit it
+        saved = ckpt["model"]
+        for k, t in model.state_dict().items():
+            if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(t.shape):
+                raise GCSurgeryError(
+                    f"this checkpoint's {k!r} is {tuple(saved[k].shape)}, but the {type(model).__name__} given has "
+                    f"{tuple(t.shape)}; the plan fits it, the saved weights do not: pass a plain model built exactly "
+                    "as the one that was trained (same constructor and arguments, e.g. num_classes), before gcify."
+                )
     if meta.get("version") != __version__:
         warnings.warn(
             f"checkpoint written by gcsurgery {meta.get('version')}, restoring with {__version__}", stacklevel=2

@@ -12,11 +12,23 @@ import json
 from torch import nn
 
 from .errors import GCSurgeryError
+from .layouts import spatial_size
 from .trace import Leaf
 
-__all__ = ["GCWSite", "Plan", "State", "fingerprint"]  # and, from stages, the planner: see __getattr__
+__all__ = [
+    "GCWSite",
+    "Plan",
+    "State",
+    "body_entries",
+    "fingerprint",
+    "fingerprint_mismatch",
+]  # and, from stages, the planner: see __getattr__
 
 PLAN_FORMAT = 1
+COLUMNS = (
+    "(h_i: hidden state; node: fx node, module: the module making it; chs: channels; red: reduction, input size / "
+    "map size; shape: per sample, in its layout; inserts: the GC-ODE pair ending at h_i, the GC-W site of its stage)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +66,10 @@ class Plan:
     fingerprint: str = ""
     leaf_modules: tuple[str, ...] = ()  # the user's leaf_modules, as the qualified names they cover
     verified: str = ""  # how the graph was checked against the eager model ("" when it was not)
+    # what the fingerprint hashes: 1, the whole state dict (head included); 2, `depends_on`, the parameters and
+    # buffers (name, shape) of the traced body up to the last state. Plans written before format 2 read as 1.
+    fingerprint_format: int = 1
+    depends_on: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self):
         n = len(self.states)
@@ -150,6 +166,8 @@ class Plan:
                 fingerprint=d.get("fingerprint", ""),
                 leaf_modules=tuple(d.get("leaf_modules", ())),
                 verified=d.get("verified", ""),
+                fingerprint_format=d.get("fingerprint_format", 1),
+                depends_on=tuple((name, tuple(shape)) for name, shape in d.get("depends_on", ())),
             )
         except (KeyError, TypeError) as e:
             raise GCSurgeryError(f"malformed plan: {type(e).__name__}: {e}; write plans with Plan.to_json().") from e
@@ -194,6 +212,7 @@ class Plan:
         for r in rows:
             cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))]
             lines.append("  ".join(cells).rstrip())
+        lines.append(COLUMNS)
         if self.leaf_modules:
             lines.append(f"leaf_modules: {', '.join(self.leaf_modules)}")
         lines += [f"leaf: {leaf.module} ({leaf.reason})" for leaf in self.leaves]
@@ -224,46 +243,115 @@ class Plan:
         import matplotlib.pyplot as plt
 
         n = len(self.states)
-        fig, ax = plt.subplots(figsize=(max(6, 2.4 * n), 3.2))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * n), 2.1))
         for i, s in enumerate(self.states):
-            gcw = any(site.state == i for site in self.gcw_sites)
+            sites = [site.module for site in self.gcw_sites if site.state == i]
+            hw = "x".join(map(str, spatial_size(s.layout, s.shape)))
+            label = f"h{i}  /{s.reduction}\n{s.module or s.node}\n{s.num_chs} ch, {hw}"
             ax.text(
                 i,
                 0,
-                f"h{i}\n{s.node}\n{s.num_chs} ch, /{s.reduction}" + ("\nGC-W" if gcw else ""),
+                label + "".join(f"\nGC-W {m}" for m in sites),
                 ha="center",
                 va="center",
                 fontsize=8,
-                bbox={"boxstyle": "round", "fc": "lightyellow" if gcw else "white", "ec": "black"},
+                bbox={"boxstyle": "round,pad=0.4", "fc": "lightyellow" if sites else "white", "ec": "black"},
             )
             if i:
-                ax.annotate("", (i - 0.32, 0), (i - 1 + 0.32, 0), arrowprops={"arrowstyle": "->"})
+                ax.annotate("", (i - 0.42, 0), (i - 1 + 0.42, 0), arrowprops={"arrowstyle": "->"})
         for k, (a, b) in enumerate(self.ode_pairs):
             ax.annotate(
                 "",
-                (b, 0.32),
-                (a, 0.32),
-                arrowprops={"arrowstyle": "->", "color": "tab:blue", "ls": "--", "connectionstyle": "arc3,rad=-0.4"},
+                (b, 0.3),
+                (a, 0.3),
+                arrowprops={"arrowstyle": "->", "color": "tab:blue", "ls": "--", "connectionstyle": "arc3,rad=-0.35"},
             )
-            ax.text((a + b) / 2, 0.62 + 0.1 * (b - a - 1), f"ODE{k}", color="tab:blue", ha="center", fontsize=8)
-        ax.set_xlim(-0.7, n - 0.3)
-        ax.set_ylim(-0.6, 1.1)
+            ax.text((a + b) / 2, 0.5 + 0.12 * (b - a - 1), f"ODE{k}", color="tab:blue", ha="center", fontsize=8)
+        top = 0.6 + 0.12 * max((b - a - 1 for a, b in self.ode_pairs), default=0)
+        ax.set_xlim(-0.55, n - 0.45)
+        ax.set_ylim(-0.3, top)
         ax.axis("off")
-        ax.set_title(f"{self.model}: {len(self.ode_pairs)} GC-ODE pairs, {len(self.gcw_sites)} GC-W sites", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        shape = "x".join(map(str, self.input_shape))
+        ax.set_title(
+            f"{self.model} on {shape}: {len(self.ode_pairs)} GC-ODE pairs (blue), "
+            f"{len(self.gcw_sites)} GC-W sites (yellow)",
+            fontsize=9,
+        )
+        fig.tight_layout(pad=0.3)
+        fig.savefig(path, dpi=130)
         plt.close(fig)
 
 
 # -- identity -------------------------------------------------------------------------------------------------
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's class and its parameter and buffer names and shapes."""
+def fingerprint(model: nn.Module, depends_on=None) -> str:
+    """A short hash of the model's class and parameter and buffer names and shapes.
+
+    With `depends_on` (format 2, see `body_entries`), those (name, shape) pairs; without, the whole state dict
+    (format 1, what plans before format 2 hold).
+    """
     h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)};".encode())
+    entries = ((n, tuple(t.shape)) for n, t in model.state_dict().items()) if depends_on is None else depends_on
+    for name, shape in entries:
+        h.update(f"{name}:{tuple(shape)};".encode())
     return h.hexdigest()[:12]
+
+
+def body_entries(model: nn.Module, graph, last: str) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
+    """(name, shape) of the state-dict entries the traced graph uses up to node `last` (None when it has no such node).
+
+    A plan depends on these: the layers after the last state (global pooling, the classifier head) are left out,
+    so a plan for `resnet18()` fits `resnet18(num_classes=10)`.
+    """
+    used: list[str] = []
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            used.append(str(node.target))
+        if node.name == last:
+            break
+    else:
+        return None
+    state = model.state_dict()
+    keep = [k for k in state if any(k == u or k.startswith(u + ".") for u in used)]
+    return tuple((k, tuple(state[k].shape)) for k in keep)
+
+
+def fingerprint_mismatch(model: nn.Module, plan: "Plan", graph) -> str | None:
+    """Why `model` is not the model `plan` was made for ("" reasons are None: the fingerprint fits, or is absent)."""
+    if not plan.fingerprint:
+        return None
+    mine = f"{type(model).__name__}"
+    if plan.fingerprint_format == 1:
+        fp = fingerprint(model)
+        if fp == plan.fingerprint:
+            return None
+        return (
+            f"{mine} [fingerprint {fp}] (parameter names or shapes differ; the plan's fingerprint is of the old "
+            f"format 1, over the whole state dict with the classifier head, so it names no parameter)"
+        )
+    if mine != plan.model:
+        return f"{mine} (another class)"
+    have = body_entries(model, graph, plan.states[-1].node) if plan.states else ()
+    if have is None:
+        return f"{mine} (its traced graph has no node {plan.states[-1].node!r}, the plan's last state)"
+    fp = fingerprint(model, have)
+    if fp == plan.fingerprint:
+        return None
+    for i, ((a, sa), (b, sb)) in enumerate(zip(plan.depends_on, have, strict=False)):
+        if a != b or sa != sb:
+            first = (
+                f"parameter {a!r} is {sa} in the plan's model and {sb} in this one"
+                if a == b
+                else f"entry {i} is {a!r} {sa} in the plan's model and {b!r} {sb} in this one"
+            )
+            break
+    else:
+        n, m = len(plan.depends_on), len(have)
+        longer, extra = (plan.depends_on, "the plan's model") if n > m else (have, "this one")
+        first = f"{extra} has {abs(n - m)} more parameters and buffers, from {longer[min(n, m)][0]!r}" if n != m else ""
+        first = first or "the class differs"
+    return f"{mine} [fingerprint {fp}] (before the last state, {first})"
 
 
 _PLANNER = ("check_example_inputs", "default_example_inputs", "plan")

@@ -19,13 +19,13 @@ from .errors import GCSurgeryError
 from .gcode import GCODE, ODEOptions
 from .gcode_nd import GCODEND
 from .layouts import ND_LAYOUTS, spatial_size
-from .plans import Plan, fingerprint
+from .plans import Plan, fingerprint_mismatch
 from .stages import build_plan, check_instance_forward
 from .trace import check_bare, check_leaf_modules, leaf_names, preserve_modes, trace
 from .verify import compare
 from .wrappers import wrapper_attr
 
-__all__ = ["GCGraphModule", "gcify", "strip", "is_gcified"]
+__all__ = ["GCGraphModule", "gcify", "plan_mismatch", "strip", "is_gcified"]
 
 BRANCH_PREFIX = "gc.ode"
 GCIFIED, GCIFIED_TOO = "the gcified graph: ", "; the gcified graph too"
@@ -100,6 +100,14 @@ def _check_plan_type(plan) -> None:
             f"plan must be a gcsurgery.Plan, got a {type(plan).__name__}; read saved plans with "
             "gcsurgery.Plan.from_dict(d) or gcsurgery.Plan.from_json(text)."
         )
+    if isinstance(plan, torch.Tensor | tuple | list):  # torch.Size is a tuple
+        what = f"a tensor of shape {tuple(plan.shape)}" if isinstance(plan, torch.Tensor) else f"{plan!r}"
+        raise GCSurgeryError(
+            f"plan must be a gcsurgery.Plan, got {type(plan).__name__} {what}; did you mean example_inputs=...? "
+            f"The second positional argument is the plan; an example batch or its shape goes by keyword: "
+            f"gcify(model, example_inputs={'x' if isinstance(plan, torch.Tensor) else repr(tuple(plan))}) "
+            "(a shape tuple works as well as a tensor)."
+        )
     if not isinstance(plan, Plan):
         raise GCSurgeryError(
             f"plan must be a gcsurgery.Plan, got {type(plan).__name__}; build one with gcsurgery.plan(model)."
@@ -112,11 +120,10 @@ def _check_flag(name: str, value) -> None:
 
 
 def _check_plan(model: nn.Module, plan: Plan, graphs) -> None:
-    fp = fingerprint(model)
-    if plan.fingerprint and plan.fingerprint != fp:
+    why = fingerprint_mismatch(model, plan, graphs[-1])
+    if why:
         raise GCSurgeryError(
-            f"this plan was made for a {plan.model} [fingerprint {plan.fingerprint}], but the model is a "
-            f"{type(model).__name__} [fingerprint {fp}] (parameter names or shapes differ); "
+            f"this plan was made for a {plan.model} [fingerprint {plan.fingerprint}], but the model is a {why}; "
             f"build a plan for this model with gcsurgery.plan(model)."
         )
     for g in graphs:
@@ -133,6 +140,16 @@ def _check_plan(model: nn.Module, plan: Plan, graphs) -> None:
         raise GCSurgeryError(f"GC-W sites {bad} are not parameters of {type(model).__name__}; rebuild the plan.")
     if not plan.ode_pairs and not plan.gcw_sites:
         raise GCSurgeryError("the plan inserts nothing (no GC-ODE pairs, no GC-W sites); use the model as it is.")
+
+
+def plan_mismatch(model: nn.Module, plan: Plan) -> str | None:
+    """Why `plan` does not fit the plain `model` by its fingerprint (None when it fits); traces the model."""
+    if not plan.fingerprint or plan.fingerprint_format == 1 or type(model).__name__ != plan.model:
+        return fingerprint_mismatch(model, plan, None)
+    leaves = plan.leaf_modules + tuple(leaf.module for leaf in plan.leaves)
+    with preserve_modes(model):
+        traced = trace(model, leaf_modules=tuple(dict.fromkeys(leaves)))
+    return fingerprint_mismatch(model, plan, traced.eval.graph)
 
 
 def _insert_branches(graph: fx.Graph, plan: Plan) -> None:
@@ -246,7 +263,7 @@ def gcify(
     leaves = plan.leaf_modules + tuple(leaf.module for leaf in plan.leaves)
     with preserve_modes(source):
         traced = trace(source, leaf_modules=tuple(dict.fromkeys(leaves)))
-    _check_plan(source, plan, {traced.train.graph, traced.eval.graph})
+    _check_plan(source, plan, (traced.train.graph, traced.eval.graph))
 
     train_graph, eval_graph = traced.train.graph, (traced.eval.graph if traced.dual else None)
     gm = GCGraphModule(source, train_graph, eval_graph=eval_graph, class_name=f"GC{type(model).__name__}")

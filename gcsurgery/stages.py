@@ -16,6 +16,7 @@ from `h_{i-1}` to `h_i`: the main path, not a projection shortcut.
 """
 
 import dataclasses
+import warnings
 
 import networkx as nx
 import torch
@@ -23,7 +24,7 @@ from torch import fx, nn
 
 from .errors import GCSurgeryError
 from .layouts import is_point
-from .plans import GCWSite, Plan, State, fingerprint
+from .plans import GCWSite, Plan, State, body_entries, fingerprint
 from .shapes import NodeInfo, holds_tensor, propagate
 from .trace import check_bare, leaf_names, preserve_modes, trace
 from .verify import verified_trace
@@ -378,11 +379,62 @@ def _last_weighted(g, weighted, src: str, dst: str, order) -> str | None:
 # -- the planner -----------------------------------------------------------------------------------------
 
 
+DEFAULT_SIZE = (224, 224)
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first convolution in module order (the one that reads the image, in every CNN we know)."""
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, tuple(CONVS.values()))), None)
+
+
+def declared_input_sizes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Input sizes (C, H, W) the model carries: timm's `pretrained_cfg` / `default_cfg`, torchvision weights."""
+    out = []
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        out.append(("timm's pretrained_cfg['input_size']", tuple(int(d) for d in cfg["input_size"])))
+    weights = getattr(model, "weights", None)  # a torchvision WeightsEnum kept on the model
+    if weights is not None and callable(getattr(weights, "transforms", None)) and hasattr(weights, "meta"):
+        crop = getattr(weights.transforms(), "crop_size", None)
+        if crop:
+            crop = list(crop) * (2 // len(crop))
+            out.append((f"the torchvision weights {weights}", (3, *map(int, crop))))
+    return out
+
+
+def default_input(model: nn.Module) -> tuple[tuple[int, ...], str]:
+    """The example shape used when none is given, and a plan note saying where it came from.
+
+    Channels come from the first convolution; the spatial size from what the model declares (timm's
+    `pretrained_cfg`, torchvision weights kept on the model), else 224x224. Warns when two declared sizes differ.
+    """
+    declared = declared_input_sizes(model)
+    conv = _first_conv(model)
+    if declared:
+        source, size = declared[0]
+        others = [f"{src} says {s}" for src, s in declared[1:] if s[1:] != size[1:]]
+        if others:
+            warnings.warn(
+                f"{type(model).__name__}: {source} declares input size {size}, but {'; '.join(others)}; planning "
+                f"at {size[1]}x{size[2]}. Pass example_inputs= with the size you will train at.",
+                stacklevel=3,
+            )
+        hw, where = size[1:], f"from {source} {size}"
+    else:
+        hw, where = DEFAULT_SIZE, "assumed: the model declares no input size"
+    chans = conv[1].in_channels if conv is not None else (declared[0][1][0] if declared else 3)
+    from_conv = f", {chans} channel{'s' * (chans != 1)} from the first convolution {conv[0]!r}" if conv else ""
+    shape = (1, chans, *hw)
+    note = (
+        f"no example_inputs given: input {'x'.join(map(str, shape))} (size {where}{from_conv}); the plan depends on "
+        f"the input size (which levels exist, which maps are 1x1): pass example_inputs=(1, {chans}, H, W) for yours"
+    )
+    return shape, note
+
+
 def default_example_inputs(model: nn.Module) -> torch.Tensor:
-    """An example batch: timm's `pretrained_cfg["input_size"]` when the model has one, else 1x3x224x224."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
-    return torch.randn(1, *size)
+    """An example batch of `default_input(model)`'s shape."""
+    return torch.randn(default_input(model)[0])
 
 
 def _check_channels(gm, example: torch.Tensor) -> None:
@@ -412,7 +464,7 @@ def _dimensionality(model: nn.Module) -> int:
 def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
     """Validates (or builds, from a shape) the example batch for tracing and shape propagation."""
     if example is None:
-        return default_example_inputs(model)
+        example = default_example_inputs(model)
     if isinstance(example, tuple | list) and all(isinstance(d, int) for d in example):
         example = torch.randn(*example)
     if isinstance(example, tuple | list) and len(example) == 1 and isinstance(example[0], torch.Tensor):
@@ -445,7 +497,8 @@ def check_example_inputs(model: nn.Module, example) -> torch.Tensor:
     return example
 
 
-def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
+def _cross_check(model: nn.Module, states: tuple[State, ...], input_shape: tuple[int, ...]) -> list[str]:
+    """Notes comparing the states with timm's `feature_info`, with the reason for each difference."""
     info = getattr(model, "feature_info", None)
     try:
         stages = [(f["num_chs"], f["reduction"], f.get("module", "")) for f in info]
@@ -454,7 +507,7 @@ def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
     if not stages:
         return []
     have = {(s.num_chs, s.reduction) for s in states}
-    missing = [f"{m} ({c} ch, /{r})" for c, r, m in stages if (c, r) not in have]
+    missing = [(c, r, m) for c, r, m in stages if (c, r) not in have]
     if not missing and len(stages) == len(states):
         return [f"matches all {len(stages)} stages of timm's feature_info"]
     if not missing:
@@ -462,7 +515,37 @@ def _cross_check(model: nn.Module, states: tuple[State, ...]) -> list[str]:
             f"timm's feature_info has {len(stages)} stages, this plan {len(states)} states; "
             "each stage's (channels, reduction) is among the states"
         ]
-    return [f"differs from timm's feature_info at: {', '.join(missing)}"]
+    hw = tuple(input_shape[2:])
+    size = "x".join(map(str, hw))
+    intended, other = [], []
+    for c, r, m in missing:
+        what = f"{m} ({c} ch, /{r})"
+        at = [s for s in states if s.reduction == r]
+        if at and r == states[-1].reduction and at[-1] is states[-1]:
+            s = at[-1]
+            intended.append(
+                f"{what}: the plan's last state is {s.module or s.node} ({s.num_chs} ch, /{r}), the last feature map "
+                f"before global pooling, so the last stage's GC-ODE pair and GC-W site cover the layers after {m} too"
+            )
+        elif at:
+            s = at[-1]
+            other.append(
+                f"{what}: the plan's state at /{r} is {s.module or s.node} ({s.num_chs} ch), by the state rule (the "
+                f"cut node before the block that leaves /{r}, or the stem output; docs/design.md)"
+            )
+        elif hw and all(d // r <= 1 for d in hw):
+            other.append(
+                f"{what} not a state: its map is 1x1 at this input size ({size}), read as pooled features, not a "
+                f"resolution level; plan with example_inputs of at least {2 * r}x{2 * r} to have it"
+            )
+        else:
+            other.append(f"{what} not a state: no node at /{r} lies on every input-to-output path")
+    notes = []
+    if intended:
+        notes.append(f"differs from timm's feature_info as intended at: {'; '.join(intended)}")
+    if other:
+        notes.append(f"differs from timm's feature_info at: {'; '.join(other)}")
+    return notes
 
 
 def plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify: bool = True) -> Plan:
@@ -470,7 +553,9 @@ def plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify: bool
 
     Args:
         model: a timm, torchvision or user CNN (left untouched; its train/eval mode is restored).
-        example_inputs: an example batch (or its shape); default from timm's `pretrained_cfg`, else 1x3x224x224.
+        example_inputs: an example batch (or its shape). Without it: the channel count of the first convolution,
+            the size timm's `pretrained_cfg` (or torchvision weights on the model) declares, else 224x224; the
+            plan's first note says which.
         leaf_modules: submodules to keep opaque when tracing: qualified names or classes.
         verify: check the traced graph against the eager model (outputs, buffers and parameter gradients in
             eval and train mode) and make diverging modules leaves; False skips the check.
@@ -512,6 +597,10 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
         raise GCSurgeryError(f"verify must be True or False, got {verify!r}.")
     check_bare(model)
     check_instance_forward(model)
+    assumed = []
+    if example_inputs is None:
+        example_inputs, note = default_input(model)
+        assumed.append(note)
     example = check_example_inputs(model, example_inputs)
     references, verified, checked = {}, "", ()
     with preserve_modes(model):
@@ -526,7 +615,7 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
         State(s.node, s.module, tuple(s.info.shape[1:]), s.info.layout, s.info.channels, s.info.reduction)
         for s in result.states
     )
-    notes = list(result.notes)
+    notes = assumed + list(result.notes)
     if traced.dual:
         train_nodes = {n.name: n for n in traced.train.graph.nodes}
         eval_nodes = {n.name: n for n in traced.eval.graph.nodes}
@@ -554,8 +643,9 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
                 f"blocks whose forward branches on self.training."
             )
         notes.append("traces differently in train and eval mode; the states exist in both graphs")
-    notes += _cross_check(model, states)
+    notes += _cross_check(model, states, tuple(example.shape))
     sites = tuple(GCWSite(s.gcw_module, s.gcw_param, i) for i, s in enumerate(result.states) if s.gcw_param)
+    depends_on = body_entries(model, traced.eval.graph, states[-1].node)
     p = Plan(
         model=type(model).__name__,
         input_shape=tuple(example.shape),
@@ -564,8 +654,10 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
         gcw_sites=sites,
         leaves=traced.leaves + checked,
         notes=tuple(notes),
-        fingerprint=fingerprint(model),
+        fingerprint=fingerprint(model, depends_on),
         leaf_modules=names,
         verified=verified,
+        fingerprint_format=2,
+        depends_on=depends_on,
     )
     return Planned(p, example, references)

@@ -99,3 +99,44 @@ def test_restore_refuses_a_damaged_checkpoint(saved, edit, pattern):
     edit(ckpt)
     with pytest.raises(gcs.GCSurgeryError, match=pattern):
         restore(TinyResNet(), ckpt)
+
+
+def test_restore_refuses_another_head_by_the_saved_weights_and_keeps_old_checkpoints(saved):
+    with pytest.raises(
+        gcs.GCSurgeryError, match=r"this checkpoint's 'fc.weight' is \(10, 32\), but the TinyResNet given has \(5, 32\)"
+    ):
+        restore(TinyResNet(num_classes=5), saved)
+    old = {**saved, "gcsurgery": dict(saved["gcsurgery"])}
+    plan = dict(old["gcsurgery"]["plan"])
+    del plan["fingerprint_format"], plan["depends_on"]  # written before the fingerprint's format 2
+    plan["fingerprint"] = gcs.plans.fingerprint(TinyResNet())
+    old["gcsurgery"]["plan"] = plan
+    torch.manual_seed(0)
+    gm = restore(TinyResNet(), old)
+    assert gm.gc_plan.fingerprint_format == 1
+
+
+def test_the_readmes_resume_block_runs_and_resumes_model_optimizer_and_scheduler(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "scheduler.load_state_dict" in b]
+    assert len(blocks) == 1, "the README shows no resume block"
+    epochs = []
+
+    def train_one_epoch(model, opt):
+        g = torch.Generator().manual_seed(len(epochs))
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        epochs.append(len(epochs))
+
+    monkeypatch.chdir(tmp_path)
+    ns = {"train_one_epoch": train_one_epoch}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    assert epochs == [0, 1, 2, 3, 4] and ns["ckpt"]["epoch"] == 2
+    assert ns["scheduler"].last_epoch == 5 and ns["opt"].param_groups[0]["lr"] == ns["scheduler"].get_last_lr()[0]
+    restored = ns["opt"].state_dict()["state"]
+    assert restored and all("momentum_buffer" in s for s in restored.values())

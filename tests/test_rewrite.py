@@ -183,7 +183,8 @@ def test_wrapped_models_are_refused_with_the_order_to_follow(wrapper, with_plan,
     [
         ({"plan": "plan.json"}, r"plan must be a gcsurgery.Plan, got a str; read saved plans with .*Plan.from_json"),
         ({"plan": {"model": "TinyResNet"}}, r"plan must be a gcsurgery.Plan, got a dict; .*Plan.from_dict"),
-        ({"plan": [1, 2]}, r"plan must be a gcsurgery.Plan, got list; build one with gcsurgery.plan\(model\)"),
+        ({"plan": [1, 2]}, r"plan must be a gcsurgery.Plan, got list \[1, 2\]; did you mean example_inputs=\.\.\.\?"),
+        ({"plan": object()}, r"plan must be a gcsurgery.Plan, got object; build one with gcsurgery.plan\(model\)"),
         ({"example_inputs": "x"}, r"example_inputs must be a tensor .* got str"),
         ({"example_inputs": (2, 3, 32, 32), "inplace": 1}, r"inplace must be True or False, got 1"),
         ({"example_inputs": (2, 3, 32, 32), "leaf_modules": "stem"}, r"leaf_modules must be a list .*\['stem'\]"),
@@ -192,6 +193,16 @@ def test_wrapped_models_are_refused_with_the_order_to_follow(wrapper, with_plan,
 def test_bad_arguments_are_refused(kwargs, pattern, tiny_resnet):
     with pytest.raises(GCSurgeryError, match=pattern):
         gcs.gcify(tiny_resnet, **kwargs)
+
+
+@pytest.mark.parametrize("given", [(1, 3, 32, 32), torch.Size([1, 3, 32, 32]), torch.randn(1, 3, 32, 32)])
+def test_an_example_batch_where_the_plan_goes_asks_for_example_inputs(given, tiny_resnet):
+    with pytest.raises(
+        GCSurgeryError,
+        match=r"did you mean example_inputs=\.\.\.\? .*gcify\(model, example_inputs="
+        r".*\(a shape tuple works as well as a tensor\)",
+    ):
+        gcs.gcify(tiny_resnet, given)
 
 
 def test_leaf_modules_as_a_lone_name_is_refused_with_a_plan_too(tiny_resnet, x32):

@@ -54,6 +54,60 @@ def test_default_example_input_comes_from_timm_pretrained_cfg():
     assert gcs.plan(TinyResNet(), (1, 3, 32, 32)).input_shape == (1, 3, 32, 32)
 
 
+def test_channels_come_from_the_first_convolution_and_the_size_from_pretrained_cfg(recwarn):
+    p = gcs.plan(timm.create_model("resnet18", in_chans=1), verify=False)
+    assert p.input_shape == (1, 1, 224, 224)
+    assert p.notes[0].startswith(
+        "no example_inputs given: input 1x1x224x224 (size from timm's pretrained_cfg['input_size'] (3, 224, 224), "
+        "1 channel from the first convolution 'conv1'); the plan depends on the input size"
+    )
+    assert not [w for w in recwarn if "input size" in str(w.message)]
+
+
+def test_assumed_size_is_said_in_the_notes_when_the_model_declares_none():
+    p = gcs.plan(TinyResNet(in_chans=2), verify=False)
+    assert p.input_shape == (1, 2, 224, 224)
+    assert (
+        "size assumed: the model declares no input size, 2 channels from the first convolution 'stem.0'" in (p.notes[0])
+    )
+    assert "pass example_inputs=(1, 2, H, W) for yours" in p.notes[0]
+    assert not any(n.startswith("no example_inputs") for n in gcs.plan(TinyResNet(), (1, 3, 32, 32)).notes)
+
+
+def test_size_from_torchvision_weights_kept_on_the_model_and_a_warning_when_declared_sizes_differ():
+    model = TinyResNet()
+    model.weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1  # crop size 299
+    p = gcs.plan(model, verify=False)
+    assert p.input_shape == (1, 3, 299, 299)
+    assert "from the torchvision weights Inception_V3_Weights.IMAGENET1K_V1 (3, 299, 299)" in p.notes[0]
+    model.pretrained_cfg = {"input_size": (3, 64, 64)}
+    with pytest.warns(
+        UserWarning,
+        match=r"declares input size \(3, 64, 64\), but the torchvision weights .* says "
+        r"\(3, 299, 299\); planning at 64x64",
+    ):
+        assert gcs.plan(model, verify=False).input_shape == (1, 3, 64, 64)
+
+
+def test_differences_from_feature_info_say_why():
+    p = gcs.plan(timm.create_model("resnet18"), (1, 3, 32, 32), verify=False)
+    assert (
+        "differs from timm's feature_info at: layer4 (512 ch, /32) not a state: its map is 1x1 at this input "
+        "size (32x32), read as pooled features, not a resolution level; plan with example_inputs of at least "
+        "64x64 to have it" in p.notes
+    )
+    assert (
+        "matches all 5 stages of timm's feature_info"
+        in gcs.plan(timm.create_model("resnet18"), (1, 3, 64, 64), verify=False).notes
+    )
+    p = gcs.plan(timm.create_model("efficientnet_b0"), (1, 3, 224, 224), verify=False)
+    assert [n for n in p.notes if "feature_info" in n] == [
+        "differs from timm's feature_info as intended at: blocks.6 (320 ch, /32): the plan's last state is bn2 "
+        "(1280 ch, /32), the last feature map before global pooling, so the last stage's GC-ODE pair and GC-W site "
+        "cover the layers after blocks.6 too"
+    ]
+
+
 def test_plan_restores_mode_and_leaves_model_untouched(tiny_resnet):
     before = {k: v.clone() for k, v in tiny_resnet.state_dict().items()}
     tiny_resnet.eval()
