@@ -278,11 +278,7 @@ def first_divergence(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, *, t
     """The first module (in the order eager calls finish, so innermost first) whose output the graph computes
     differently, or None when every module's output agrees."""
     calls: list[tuple[str, list]] = []
-    hooks = [
-        m.register_forward_hook(lambda m, i, out, name=name: calls.append((name, flatten(out))))
-        for name, m in model.named_modules()
-        if name
-    ]
+    _run_hooked(model, x, training, lambda name, out: calls.append((name, flatten(out))))
     values: dict[str, object] = {}
 
     class Recorder(fx.Interpreter):
@@ -290,14 +286,6 @@ def first_divergence(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, *, t
             values[n.name] = result = super().run_node(n)
             return result
 
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_devices(x)):
-            model.train(training)
-            torch.manual_seed(0)
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=_devices(x)):
             gm.train(training)
@@ -363,8 +351,15 @@ def _ancestors(name: str) -> list[str]:
 def _call_order(model: nn.Module, x: torch.Tensor, *, training: bool) -> list[str]:
     """Module names in the order their eager calls finish (first call of each)."""
     order: list[str] = []
+    _run_hooked(model, x, training, lambda name, out: order.append(name) if name not in order else None)
+    return order
+
+
+def _run_hooked(model: nn.Module, x: torch.Tensor, training: bool, on_output) -> None:
+    """One eager forward (no grad, seed 0, RNG restored after) calling `on_output(name, output)` as each
+    submodule's call finishes."""
     hooks = [
-        m.register_forward_hook(lambda m, i, o, name=name: order.append(name) if name not in order else None)
+        m.register_forward_hook(lambda m, i, out, name=name: on_output(name, out))
         for name, m in model.named_modules()
         if name
     ]
@@ -376,7 +371,6 @@ def _call_order(model: nn.Module, x: torch.Tensor, *, training: bool) -> list[st
     finally:
         for h in hooks:
             h.remove()
-    return order
 
 
 def candidates(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, mismatch: Mismatch, bad: list[str]) -> list[str]:

@@ -22,7 +22,7 @@ SGD = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
 ADAMW = (torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.05})
 
 
-def tiny_cnn(seed=0):
+def tiny_cnn(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     return nn.Sequential(
         OrderedDict(
@@ -36,7 +36,7 @@ def tiny_cnn(seed=0):
             flat=nn.Flatten(),
             fc=nn.Linear(8, 4),
         )
-    )
+    ).to(dtype)
 
 
 def batches(n, seed=0, size=8, hw=8):

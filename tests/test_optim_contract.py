@@ -8,11 +8,11 @@ device moves, and the schedulers that touch more than the lr.
 import copy
 import io
 import warnings
-from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_optim import tiny_cnn
 from torch import nn
 
 from gcsurgery.errors import GCSurgeryError
@@ -21,23 +21,6 @@ from gcsurgery.optim import GCOptimizer
 
 SITES = ["conv1.weight", "conv2.weight", "fc.weight"]
 ACT = GCWOptions(trust=False)  # corrections act from the second step, so every test sees them at work
-
-
-def tiny_cnn(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(3, 8, 3, padding=1, bias=False),
-            bn1=nn.BatchNorm2d(8),
-            act1=nn.ReLU(),
-            conv2=nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False),
-            bn2=nn.BatchNorm2d(8),
-            act2=nn.ReLU(),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flat=nn.Flatten(),
-            fc=nn.Linear(8, 4),
-        )
-    ).to(dtype)
 
 
 def batches(n, seed=0, dtype=torch.float32):
