@@ -173,8 +173,9 @@ def coverage_head(commands: Sequence[str], notes: Sequence[str], *, versions: st
     """The head of docs/coverage.md: what the sweep checks, what the statuses mean, the commands that made it."""
     return (
         f"# Coverage\n\nWritten by `gcsurgery sweep` ({versions}, CPU). Each model runs in its own process: `plan` "
-        "at its default input size, then `gcify` and a bit-for-bit comparison of outputs in eval and in train mode "
-        "(same RNG state), and a backward that reaches every GC-ODE parameter. Statuses: `ok`; `no hierarchy` (one "
+        "at its default input size, then `gcify` and a bit-for-bit comparison, in eval and in train mode (same RNG "
+        "state), of the outputs and of every original parameter's gradient of sum(output), and a check that the "
+        "backward reaches every GC-ODE parameter. Statuses: `ok`; `no hierarchy` (one "
         "resolution level: ViTs, MLP-Mixers, refused with a GCSurgeryError that says so); `refused` (a "
         "GCSurgeryError saying why); `mismatch`, `crash`, `timeout` (bugs or limits of the sweep). A row marked "
         "(plan only) was planned without the exactness check. `ok (no state at reduction 8, 16)` means no node at "
