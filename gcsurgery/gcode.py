@@ -10,6 +10,18 @@ The ODE grid is dst's size, or half of it for a pair without downsampling (E's o
 With γ = 0 the branch returns `h_dst` exactly, so inserting it does not change the model. The gate is
 folded into E's weights (`(γ⊙W) z + γ⊙b`, the same function), so backward keeps no copy of `h_dst`.
 
+Two more designs separate what the branch does (`ODEOptions`):
+
+- ``solver="none"``: no ODE solve, z1 = z0; the branch is `h_dst + γ ⊙ E(R(h_src))`, a linear
+  stage-spanning shortcut (the ablation that says whether the ODE matters).
+- ``mode="gradient"``: the forward returns `h_dst` itself at every step, so the network computes exactly
+  what the original does, always; backward adds the vector-Jacobian product of the branch's `E(z1)` (with
+  dst's gradient as the vector) to src's gradient, bounded to ``inject`` times the norm of the gradient
+  src gets from the network and ramped up over ``inject_warmup`` training steps. The branch's own
+  parameters are trained to mimic the stage, on the gradient of ``mean((E(z1) - h_dst)²)`` alone, so the
+  injected gradient estimates the stage's with a smoother map. `gcsurgery.strip` then gives back the
+  original architecture with the weights so trained.
+
 The default φ is depthwise-separable with the time as a learned per-channel bias,
 `φ(z, t) = pw(relu(dw3×3(z) + a·t + b))`, integrated in a plain Python loop (no host syncs; torchdiffeq's
 fixed-grid solver calls `.item()` and copies the states into a solution buffer), with the solver's
@@ -18,6 +30,7 @@ thin are several times faster. torchdiffeq runs `dopri5` and the adjoint method.
 the cost measurements behind these defaults.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -32,13 +45,14 @@ from . import layouts
 from .errors import GCSurgeryError
 from .layouts import LAYOUTS
 
-__all__ = ["ODEOptions", "GCODE", "LAYOUTS"]
+__all__ = ["ODEOptions", "GCODE", "LAYOUTS", "neutral"]
 
 REDUCES = ("stride", "pool")
 RECOMPUTES = ("ode", "branch", "none")
+MODES = ("branch", "gradient")
 _CL = torch.channels_last
 STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}  # φ evaluations per step of each fixed-step solver
-SOLVERS = (*STAGES, "dopri5")
+SOLVERS = (*STAGES, "dopri5", "none")  # none: no ODE solve, z1 = z0
 PHIS = ("dwsep", "conv")
 NORMS = ("none", "input", "group")
 ACTS = {"relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -63,7 +77,8 @@ class ODEOptions:
 
     Attributes:
         width: r, the channels the ODE runs on; None gives `max(8, out_chs // 4)`.
-        solver: fixed-step "euler", "midpoint", "rk4", or adaptive "dopri5" (torchdiffeq).
+        solver: fixed-step "euler", "midpoint", "rk4", adaptive "dopri5" (torchdiffeq), or "none": no ODE
+            (z1 = z0, no φ), which makes the branch a linear shortcut E(R(h_src)).
         step_size: fixed-step solvers take `ceil(1 / step_size)` steps over t ∈ [0, 1] (the last one
             shorter when 1 / step_size is not a whole number).
         rtol: relative tolerance of dopri5.
@@ -86,6 +101,12 @@ class ODEOptions:
         recompute: what backward recomputes instead of keeping (non-reentrant `torch.utils.checkpoint`):
             "ode" the solver's activations, "branch" all of the branch (R, the solve, E), "none" nothing.
             Not applied with adjoint=True, which keeps no solver activations anyway.
+        mode: "branch" adds γ ⊙ E(z1) to dst (the paper's GC-ODE); "gradient" returns dst unchanged and adds the
+            branch's bounded vector-Jacobian product to src's gradient in backward, the branch trained to mimic
+            the stage (see the module docstring). The gate γ is then unused and not a parameter.
+        inject: mode="gradient": the injected gradient's norm is at most this times the norm of the gradient
+            src gets from the network (per batch).
+        inject_warmup: mode="gradient": training steps over which that bound ramps up linearly from 0 (0: none).
         seed: seed of the private generator that initialises the branch, so that building branches
             leaves the global RNG untouched; None draws from the global RNG instead.
     """
@@ -104,13 +125,16 @@ class ODEOptions:
     reduce: str = "stride"
     ode_stride: int | None = None
     recompute: str = "ode"
+    mode: str = "branch"
+    inject: float = 0.1
+    inject_warmup: int = 100
     seed: int | None = 0
 
     def __post_init__(self):
         if self.width is not None and not _positive_int(self.width):
             _fail("width", self.width, "None or a positive int (channels of the ODE state)")
         choices_of = {"solver": SOLVERS, "phi": PHIS, "norm": NORMS, "act": tuple(ACTS), "time": TIMES}
-        for name, choices in (*choices_of.items(), ("reduce", REDUCES), ("recompute", RECOMPUTES)):
+        for name, choices in (*choices_of.items(), ("reduce", REDUCES), ("recompute", RECOMPUTES), ("mode", MODES)):
             if getattr(self, name) not in choices:
                 _fail(name, getattr(self, name), f"one of {choices}")
         if self.time == "channel" and self.phi != "conv":
@@ -124,6 +148,10 @@ class ODEOptions:
             _fail("adjoint", self.adjoint, "True or False")
         if not _is_real(self.gate_init):
             _fail("gate_init", self.gate_init, "a finite number (0 keeps the model's function at insertion)")
+        if not (_is_real(self.inject) and self.inject >= 0):
+            _fail("inject", self.inject, "a finite number >= 0 (the injected gradient's norm over the network's)")
+        if not (_positive_int(self.inject_warmup) or self.inject_warmup == 0 and type(self.inject_warmup) is int):
+            _fail("inject_warmup", self.inject_warmup, "an int >= 0 (training steps)")
         if self.ode_stride is not None and not _positive_int(self.ode_stride):
             _fail("ode_stride", self.ode_stride, "None or a positive int (1 runs the ODE at the destination's size)")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
@@ -149,6 +177,28 @@ class ODEOptions:
         if unknown:
             raise GCSurgeryError(f"unknown ODEOptions keys {unknown}; valid keys are {names}.")
         return cls(**d)
+
+
+@contextlib.contextmanager
+def neutral(branches):
+    """Within this context the GC-ODE ``branches`` (`GCODE`, `GCODEND`) change nothing: gates are zero (the
+    branch adds exact zeros, its parameters still get gradients) and gradient-mode branches inject nothing.
+    gcify checks a rewrite so; the gates' values come back on exit."""
+    branches = list(branches)
+    opened = [b.gate.detach().clone() for b in branches]
+    was = [b._neutral for b in branches]
+    try:
+        with torch.no_grad():
+            for b in branches:
+                b._neutral = True
+                if isinstance(b.gate, nn.Parameter):
+                    b.gate.zero_()
+        yield branches
+    finally:
+        with torch.no_grad():
+            for b, g, w in zip(branches, opened, was, strict=True):
+                b.gate.copy_(g)
+                b._neutral = w
 
 
 def _group_norm(chs: int) -> nn.GroupNorm:
@@ -293,20 +343,25 @@ class GCODE(nn.Module):
         self.in_chs, self.out_chs, self.in_size, self.out_size = in_chs, out_chs, tuple(in_size), tuple(out_size)
         self.in_layout, self.out_layout, self.options = in_layout, out_layout, options
         self.width = r = options.width or max(8, out_chs // 4)
-        self._fixed = options.solver in STAGES and not options.adjoint
+        self._fixed = options.solver in (*STAGES, "none") and not options.adjoint
+        self._neutral = False
         self._grid = options.grid
         self._recompute = "none" if options.adjoint else options.recompute
         coarsen = self.in_size == self.out_size and min(self.out_size) >= 16
         self.ode_stride = options.ode_stride or (2 if coarsen else 1)
-        self._nfe = STAGES[options.solver] * (len(self._grid) - 1) if self._fixed else 0
+        self._nfe = STAGES.get(options.solver, 0) * (len(self._grid) - 1) if self._fixed else 0
         with torch.random.fork_rng(devices=[], enabled=options.seed is not None):
             if options.seed is not None:
                 torch.manual_seed(options.seed)
             self.reduce = nn.Conv2d(in_chs, r, 1)  # R, applied after resampling (cheaper than before)
             self.in_norm = _group_norm(r) if options.norm == "input" else nn.Identity()
-            self.phi = Phi(r, options)
+            self.phi = Phi(r, options) if options.solver != "none" else None
             self.expand = nn.Conv2d(r, out_chs, 1)  # E
-        self.gate = nn.Parameter(torch.full((out_chs,), float(options.gate_init)))  # γ
+        if options.mode == "branch":
+            self.gate = nn.Parameter(torch.full((out_chs,), float(options.gate_init)))  # γ
+        else:  # the branch mimics the stage and adds nothing in forward; the steps set the injection's warm-up
+            self.register_buffer("gate", torch.ones(out_chs), persistent=False)
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     @property
     def nfe(self) -> int:
@@ -316,11 +371,13 @@ class GCODE(nn.Module):
         return (
             f"{self.in_chs}x{self.in_size} {self.in_layout} -> {self.out_chs}x{self.out_size} {self.out_layout}, "
             f"r={self.width}, ode_stride={self.ode_stride}, solver={self.options.solver}, "
-            f"nfe={self.nfe if self._fixed else 'counted'}"
+            f"nfe={self.nfe if self._fixed else 'counted'}, mode={self.options.mode}"
         )
 
     def _solve(self, z):  # (B, r, h, w) -> (B, r, h, w)
         o = self.options
+        if o.solver == "none":
+            return z
         if self._fixed:
             return fixed_grid_solve(self.phi, z, o.solver, self._grid)
         calls = [0]
@@ -345,7 +402,7 @@ class GCODE(nn.Module):
         z = _reduce(x, ode_hw, self.options.reduce, self.reduce.weight.flatten(1), self.reduce.bias)  # (B, h, w, r)
         z = z.permute(0, 3, 1, 2)  # (B, r, h, w), channels_last strides
         z = self.in_norm(z)
-        if self._recompute == "ode" and torch.is_grad_enabled():
+        if self._recompute == "ode" and torch.is_grad_enabled() and self.phi is not None:
             z = checkpoint(self._solve, z, use_reentrant=False, preserve_rng_state=False)
         else:
             z = self._solve(z)  # (B, r, h, w), channels_last strides
@@ -364,12 +421,8 @@ class GCODE(nn.Module):
                 "plan at the size you run)."
             )
 
-    def forward(self, src, dst):
-        """Returns dst + γ ⊙ E(z1), with dst's shape, layout and dtype."""
-        self._check_input("src", src, self.in_chs, self.in_layout, self.in_size)
-        self._check_input("dst", dst, self.out_chs, self.out_layout, self.out_size)
-        if src.shape[0] != dst.shape[0]:
-            raise GCSurgeryError(f"GC-ODE src and dst batch sizes differ: {src.shape[0]} and {dst.shape[0]}.")
+    def _output(self, src, dst):
+        """γ ⊙ E(z1) in dst's shape and layout (γ is 1 in gradient mode)."""
         lay = self.out_layout
         out_hw = tuple(self.out_size if lay == "NLC" else dst.shape[1:3] if lay == "NHWC" else dst.shape[2:])
         ode_hw = (-(-out_hw[0] // self.ode_stride), -(-out_hw[1] // self.ode_stride))
@@ -384,4 +437,48 @@ class GCODE(nn.Module):
             e = F.interpolate(e.permute(0, 3, 1, 2), size=out_hw, mode="nearest").permute(0, 2, 3, 1)
         if cl:  # e: (B, Hb, Wb, Cb)
             e = e.flatten(1, 2) if lay == "NLC" else e.permute(0, 3, 1, 2) if lay == "NCHW" else e
-        return dst + e.to(dst.dtype)
+        return e.to(dst.dtype)
+
+    def _inject(self, src, dst):
+        """Gradient mode: returns dst itself; hooks add the branch's bounded VJP to src's gradient and train
+        the branch on ``mean((E(z1) - dst)²)``, both in backward."""
+        if self._neutral or not (self.training and torch.is_grad_enabled() and dst.requires_grad):
+            return dst
+        o = self.options
+        warm = (self.steps.float() / o.inject_warmup).clamp(max=1.0) if o.inject_warmup else 1.0
+        with torch.no_grad():
+            self.steps += 1
+        leaf = src.detach().requires_grad_(src.requires_grad)
+        with torch.enable_grad():
+            e = self._output(leaf, dst)
+        resid = (e.detach().float() - dst.detach().float()).mul_(2 / e.numel()).to(e.dtype)  # d mean(.²) / d e
+        params = [p for p in self.parameters() if p.requires_grad]
+        injected = {}
+
+        def on_dst(g):  # dst's gradient: the VJP for src, then the branch's own (regression) gradient
+            if leaf.requires_grad:
+                injected["g"] = torch.autograd.grad(e, leaf, g, retain_graph=bool(params))[0]
+            if params:
+                torch.autograd.backward(e, resid, inputs=params)
+
+        def on_src(g):  # src's gradient from the network: add the injection, bounded relative to it
+            inj = injected.pop("g", None)
+            if inj is None:
+                return None
+            scale = (o.inject * g.float().norm() / inj.float().norm().clamp_min(1e-30)).clamp(max=1.0) * warm
+            return g + inj * scale.to(g.dtype)
+
+        dst.register_hook(on_dst)
+        if leaf.requires_grad:
+            src.register_hook(on_src)
+        return dst
+
+    def forward(self, src, dst):
+        """Returns dst + γ ⊙ E(z1) (gradient mode: dst itself), with dst's shape, layout and dtype."""
+        self._check_input("src", src, self.in_chs, self.in_layout, self.in_size)
+        self._check_input("dst", dst, self.out_chs, self.out_layout, self.out_size)
+        if src.shape[0] != dst.shape[0]:
+            raise GCSurgeryError(f"GC-ODE src and dst batch sizes differ: {src.shape[0]} and {dst.shape[0]}.")
+        if self.options.mode == "gradient":
+            return self._inject(src, dst)
+        return dst + self._output(src, dst)

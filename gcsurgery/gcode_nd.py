@@ -59,11 +59,12 @@ class GCODEND(nn.Module):
         sizes = (tuple(in_size), tuple(out_size))
         if len(sizes[0]) not in CONVS or len(sizes[0]) != len(sizes[1]):
             raise GCSurgeryError(f"GCODEND takes 1-D or 3-D sizes of one dimensionality, got {in_size} and {out_size}.")
-        if options.solver not in STAGES or options.adjoint or options.phi != "dwsep" or options.norm != "none":
+        supported = options.solver in STAGES and options.phi == "dwsep" and options.norm == "none"
+        if not supported or options.adjoint or options.mode != "branch":
             raise GCSurgeryError(
-                f"1-D and 3-D GC-ODE branches support solver in {tuple(STAGES)}, adjoint=False, phi='dwsep' and "
-                f"norm='none'; got solver={options.solver!r}, adjoint={options.adjoint}, phi={options.phi!r}, "
-                f"norm={options.norm!r}."
+                f"1-D and 3-D GC-ODE branches support solver in {tuple(STAGES)}, adjoint=False, phi='dwsep', "
+                f"norm='none' and mode='branch'; got solver={options.solver!r}, adjoint={options.adjoint}, "
+                f"phi={options.phi!r}, norm={options.norm!r}, mode={options.mode!r}."
             )
         self.in_chs, self.out_chs, (self.in_size, self.out_size) = in_chs, out_chs, sizes
         self.dims, self.options = len(sizes[0]), options
@@ -76,6 +77,7 @@ class GCODEND(nn.Module):
             self.phi = PhiND(r, self.dims, options)
             self.expand = conv(r, out_chs, 1)  # E
         self.gate = nn.Parameter(torch.full((out_chs,), float(options.gate_init)))  # γ
+        self._neutral = False  # gcsurgery.gcode.neutral sets it; the zero gate is what makes this branch neutral
         self._grid = options.grid
 
     @property

@@ -17,7 +17,7 @@ from .errors import GCSurgeryError
 from .gcw import STATS, GCWOptions, GCWState, Layout, SiteTensors, gcw_step, record_step
 from .wrappers import unwrap
 
-__all__ = ["GCOptimizer", "format_stats"]
+__all__ = ["GCOptimizer", "format_stats", "needs_closure"]
 
 _DEFAULT_GCW = GCWOptions()
 
@@ -117,6 +117,27 @@ def _preconditioner(state: dict, group: dict, shape: torch.Size) -> Tensor | Non
                 v = v / (1 - betas[1] ** step)
             return 1 / (v.sqrt() + eps)
     return None
+
+
+def _state_owner(opt):
+    """The optimizer whose ``state`` holds the moments: the inner optimizer of a wrapper such as a Lookahead
+    (pytorch-optimizer's keeps it as ``optimizer``, timm's as ``_base_optimizer``), else ``opt``."""
+    for attr in ("optimizer", "base_optimizer", "_base_optimizer"):
+        inner = getattr(opt, attr, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
+            return _state_owner(inner)
+    return opt
+
+
+def _two_pass(opt) -> bool:
+    """Whether ``opt`` steps in two passes with a closure between them (SAM and its kin)."""
+    return callable(getattr(opt, "first_step", None)) and callable(getattr(opt, "second_step", None))
+
+
+def needs_closure(opt) -> bool:
+    """Whether ``opt.step`` needs a closure that recomputes the loss and the gradients: a two-pass
+    optimizer such as pytorch-optimizer's SAM, alone or under a `GCOptimizer`."""
+    return _two_pass(opt) or _two_pass(getattr(opt, "base", None))
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -308,7 +329,7 @@ class GCOptimizer(torch.optim.Optimizer):
     def _moment(self, site: _Site) -> Tensor | None:
         if site.kind is None:
             return None
-        v = self.base.state.get(site.param, {}).get(_MOMENT_KEY[site.kind])
+        v = _state_owner(self.base).state.get(site.param, {}).get(_MOMENT_KEY[site.kind])
         return v.reshape(site.rows, site.n) if isinstance(v, Tensor) and v.shape == site.param.shape else None
 
     def _direction_scales(self, t: int) -> tuple[Tensor, Tensor]:
@@ -364,7 +385,20 @@ class GCOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step. ``closure`` (recomputes the loss and the gradients) is optional, except over a two-pass
+        base such as pytorch-optimizer's SAM (it has ``first_step`` and ``second_step``): there the gradients
+        are computed before the call, as SAM asks, the base perturbs the weights, ``closure`` recomputes the
+        gradients at the perturbed weights, and GC-W corrects those before the base's update."""
         loss = None
+        base_step = self.base.step
+        if _two_pass(self.base):
+            if closure is None:
+                raise GCSurgeryError(
+                    f"the base {type(self.base).__name__} takes two passes per step, so step() needs a closure that "
+                    "recomputes the loss and the gradients (compute them once before the call, as for the base)."
+                )
+            self.base.first_step(zero_grad=True)
+            base_step = self.base.second_step
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -375,7 +409,7 @@ class GCOptimizer(torch.optim.Optimizer):
                 views.append(None)
                 continue
             st = self.state[p]
-            P = _preconditioner(self.base.state.get(p, {}), self.param_groups[s.group], p.shape)
+            P = _preconditioner(_state_owner(self.base).state.get(p, {}), self.param_groups[s.group], p.shape)
             views.append(
                 SiteTensors(
                     grad=p.grad.reshape(s.rows, s.n),
@@ -388,7 +422,7 @@ class GCOptimizer(torch.optim.Optimizer):
                 )
             )
         if all(v is None for v in views):
-            self.base.step()
+            base_step()
             self._step += 1
             return loss
         t = self._step
@@ -403,7 +437,7 @@ class GCOptimizer(torch.optim.Optimizer):
                 swapped.append((s.param, s.param.grad))
                 s.param.grad = g.view(s.param.shape)
         try:
-            self.base.step()
+            base_step()
         finally:
             for p, g in swapped:
                 p.grad = g

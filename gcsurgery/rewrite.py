@@ -16,7 +16,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY, _copy_attr
 
 from ._version import __version__
 from .errors import GCSurgeryError
-from .gcode import GCODE, ODEOptions
+from .gcode import GCODE, ODEOptions, neutral
 from .gcode_nd import GCODEND
 from .layouts import ND_LAYOUTS, spatial_size
 from .plans import Plan, fingerprint_mismatch
@@ -182,18 +182,9 @@ def _verify_rewrite(source: nn.Module, gm: GCGraphModule, plan: Plan, example, r
         kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
         example = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0)).to(**kw)
     params = {k: p for k, p in source.named_parameters() if p.requires_grad}
-    gates = [branch.gate for branch in gm.gc.ode]
-    opened = [g.detach().clone() for g in gates]  # gate_init != 0 changes the function on purpose: check at 0
-    try:
-        with torch.no_grad():
-            for g in gates:
-                g.zero_()
-        with preserve_modes(source):
-            verdict = compare(source, {False: gm, True: gm}, example, params=params, references=references)
-    finally:
-        with torch.no_grad():
-            for g, value in zip(gates, opened, strict=True):
-                g.copy_(value)
+    # gate_init != 0 (and a gradient-mode branch's injection) changes the function on purpose: check without
+    with neutral(gm.gc.ode), preserve_modes(source):
+        verdict = compare(source, {False: gm, True: gm}, example, params=params, references=references)
     if verdict.mismatch is not None:
         raise GCSurgeryError(
             f"the gcified {type(source).__name__} does not compute what the model computes: {verdict.mismatch}. "

@@ -163,7 +163,10 @@ def test_phi_depends_on_time():
 BAD = [
     ("width", 0, "None or a positive int"),
     ("width", 2.5, "None or a positive int"),
-    ("solver", "rk45", "('euler', 'midpoint', 'rk4', 'dopri5')"),
+    ("solver", "rk45", "('euler', 'midpoint', 'rk4', 'dopri5', 'none')"),
+    ("mode", "exact", "('branch', 'gradient')"),
+    ("inject", -0.1, ">= 0"),
+    ("inject_warmup", 2.5, "an int >= 0"),
     ("step_size", 0, "(0, 1]"),
     ("step_size", 1.5, "(0, 1]"),
     ("rtol", -1e-3, "positive"),

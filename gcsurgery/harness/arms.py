@@ -8,11 +8,21 @@ gcw        the plain model             `GCOptimizer` on the automatic plan's GC-
 gcode      `gcify(model)`              the base optimizer (it also trains the GC-ODE branches)
 gcgd       `gcify(model)`              `GCOptimizer` (GC-W and GC-ODE: the paper's GCGD)
 lookahead  the plain model             timm's Lookahead (k=5, alpha=0.5) over the base optimizer
+sam        the plain model             pytorch-optimizer's SAM (rho=0.05) over the base optimizer
+                                       (two forward-backward passes per step)
+gradcent   the plain model             the base optimizer on centralised gradients (Gradient
+                                       Centralization: pytorch-optimizer's ``centralize_gradient``
+                                       on every weight of 2 or more dimensions before each step)
 =========  ==========================  =====================================================
+
+The peers (lookahead, sam, gradcent) are what a user might pick instead of gradient correction; sam and
+gradcent need ``pip install pytorch-optimizer`` (the ``bench`` extra).
 
 A *variant* of gcw, gcode or gcgd changes their options: ``ARM:KEY=VALUE,...`` with keys ``ode.<field>``
 (an `ODEOptions` field), ``gcw.<field>`` (a `GCWOptions` field) and ``sites=plan|convs`` (GC-W on the
 plan's sites, or on every convolution's weight), e.g. ``gcgd:ode.gate_init=0.1,gcw.horizons=(5,50)``.
+``gcode:ode.mode=gradient`` trains the exact original network with the branches' gradients injected, and
+``gcode:ode.solver=none`` replaces the ODE by a linear shortcut (`ODEOptions`).
 
 Build the model under the seed first, then the arm: GC-ODE branches and GC-W correctors are initialised
 from their own seeds, so every arm starts from the same weights of the original model and the global RNG
@@ -39,6 +49,7 @@ __all__ = [
     "ALL_ARMS",
     "ARMS",
     "OPTIMIZERS",
+    "PEERS",
     "ArmSpec",
     "arm_spec",
     "build_arm",
@@ -49,10 +60,12 @@ __all__ = [
 ]
 
 ARMS = ("baseline", "gcw", "gcode", "gcgd")  # the paper's four
-ALL_ARMS = (*ARMS, "lookahead")  # and a cheap peer
+PEERS = ("lookahead", "sam", "gradcent")  # what a user might pick instead
+ALL_ARMS = (*ARMS, *PEERS)
 VARIED = ("gcw", "gcode", "gcgd")  # the arms that take option overrides
 SITES = ("plan", "convs")
 LOOKAHEAD = {"k": 5, "alpha": 0.5}
+SAM_RHO = 0.05
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}  # the rest: timm's create_optimizer_v2 names
 
 
@@ -164,10 +177,10 @@ def build_arm(
 
     Returns:
         ``(model, sites)``: the model to train (gcified for gcode and gcgd) and the names of the
-        parameters GC-W corrects (empty for baseline, gcode and lookahead).
+        parameters GC-W corrects (empty for baseline, gcode and the peers).
     """
     spec = arm if isinstance(arm, ArmSpec) else parse_arm(arm)
-    if spec.arm in ("baseline", "lookahead"):
+    if spec.arm in ("baseline", *PEERS):
         return model, ()
     with torch.random.fork_rng(devices=[]):
         if spec.arm == "gcw":
@@ -204,7 +217,7 @@ def build_optimizer(
     sites: tuple[str, ...] = (),
     name: str = "sgd",
     gcw: GCWOptions | None = None,
-    lookahead: bool = False,
+    peer: str | None = None,
     **kwargs,
 ) -> torch.optim.Optimizer:
     """The base optimizer over all of ``model``'s parameters, wrapped in `GCOptimizer` when there are sites.
@@ -215,11 +228,25 @@ def build_optimizer(
         name: ``sgd`` or ``adamw`` (torch.optim, over one parameter group) or any other name timm's
             ``create_optimizer_v2`` knows (``lamb``, ``lion``, ...; timm's parameter groups).
         gcw: options of the GC-W correctors.
-        lookahead: wrap the result in timm's Lookahead (k=5, alpha=0.5).
+        peer: None, or a peer arm of `PEERS`: "lookahead" wraps the result in timm's Lookahead (k=5,
+            alpha=0.5), "sam" builds pytorch-optimizer's SAM (rho=0.05) over the base (sgd or adamw), and
+            "gradcent" centralises the gradients before each step (a step pre-hook).
         **kwargs: options of the base optimizer (lr, momentum, weight_decay, ...).
     """
     check_optimizer(name)
+    if peer is not None and peer not in PEERS:
+        raise GCSurgeryError(f"unknown peer {peer!r}; choose one of {list(PEERS)} or None")
     bare = unwrap(model)
+    if peer in ("sam", "gradcent"):
+        po = _pytorch_optimizer(peer)
+    if peer == "sam":
+        if name not in OPTIMIZERS or sites:
+            raise GCSurgeryError(
+                f"the sam arm runs SAM over {list(OPTIMIZERS)} without GC-W; got optimizer {name!r}"
+                + (f" and {len(sites)} GC-W sites" if sites else "")
+                + "; pick --opt sgd or adamw"
+            )
+        return po.SAM(bare.parameters(), OPTIMIZERS[name], rho=SAM_RHO, **kwargs)
     if name in OPTIMIZERS:
         base = OPTIMIZERS[name]
         opt = GCOptimizer(bare, base, sites=list(sites), gcw=gcw or GCWOptions(), **kwargs) if sites else None
@@ -230,8 +257,28 @@ def build_optimizer(
         kwargs.pop("nesterov", None)  # timm's names say it: sgd is Nesterov, momentum is not
         base = create_optimizer_v2(bare, opt=name, **kwargs)
         opt = GCOptimizer(bare, base, sites=list(sites), gcw=gcw or GCWOptions()) if sites else base
-    if lookahead:
+    if peer == "lookahead":
         from timm.optim import Lookahead
 
         opt = Lookahead(opt, **LOOKAHEAD)
+    elif peer == "gradcent":
+
+        def centralize(optimizer, args, kwargs):  # in place, on every weight of 2+ dimensions (conv and linear)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        po.centralize_gradient(p.grad, gc_conv_only=False)
+
+        opt.register_step_pre_hook(centralize)
     return opt
+
+
+def _pytorch_optimizer(arm: str):
+    try:
+        import pytorch_optimizer
+    except ImportError as e:
+        raise GCSurgeryError(
+            f"the {arm} arm uses pytorch-optimizer, which is not installed; pip install pytorch-optimizer "
+            "(or pip install -e '.[bench]')"
+        ) from e
+    return pytorch_optimizer

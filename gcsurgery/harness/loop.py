@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GCSurgeryError
+from ..optim import needs_closure
 from .loader import mix_seed
 
 __all__ = [
@@ -104,6 +105,12 @@ def train_one_epoch(
     from tqdm.auto import tqdm
 
     model.train()
+    two_pass = needs_closure(optimizer)
+    if two_pass and scaler is not None:
+        raise GCSurgeryError(
+            f"{type(optimizer).__name__} steps in two passes (SAM), which this loop does not combine with fp16 "
+            "loss scaling; train in fp32, or with bf16 autocast on the CPU"
+        )
     total = len(loader) if limit_batches is None else min(len(loader), limit_batches)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -133,7 +140,18 @@ def train_one_epoch(
             loss.backward()
             if recorder is not None:
                 recorder.after_backward(step)
-            optimizer.step()
+            if two_pass:  # SAM: the closure recomputes the loss and gradients at the perturbed weights
+
+                def closure(x=x, y=y):
+                    optimizer.zero_grad(set_to_none=True)
+                    with _autocast(device, amp_dtype):
+                        again = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+                    again.backward()
+                    return again
+
+                optimizer.step(closure)
+            else:
+                optimizer.step()
         if recorder is not None:
             recorder.after_step(step)
             diagnostics += [recorder.flat(r) for r in recorder.pop_complete()]

@@ -8,7 +8,7 @@ import torch
 
 from gcsurgery.errors import GCSurgeryError
 from gcsurgery.gcw import GCWOptions
-from gcsurgery.harness.arms import ARMS, ArmSpec, arm_spec, build_arm, build_optimizer, parse_arm
+from gcsurgery.harness.arms import ALL_ARMS, ArmSpec, arm_spec, build_arm, build_optimizer, parse_arm
 from gcsurgery.harness.config import RunConfig
 from gcsurgery.harness.models import build_model
 from gcsurgery.optim import GCOptimizer
@@ -23,14 +23,14 @@ def test_arms_start_from_the_same_weights_and_leave_the_rng_alone():
     rng = torch.get_rng_state()
     example = torch.zeros(2, 1, 32, 32)
     sites = {}
-    for arm in (*ARMS, "lookahead"):
+    for arm in ALL_ARMS:
         net, sites[arm] = build_arm(copy.deepcopy(model), arm, example_inputs=example)
         state = net.state_dict()
         assert all(torch.equal(state[k], v) for k, v in reference.items()), arm
         assert any(k.startswith("gc.ode.") for k in state) == (arm in ("gcode", "gcgd"))
         assert net.training and all(m.training for m in net.modules())
     assert torch.equal(torch.get_rng_state(), rng)
-    assert sites["baseline"] == sites["gcode"] == sites["lookahead"] == ()
+    assert sites["baseline"] == sites["gcode"] == sites["lookahead"] == sites["sam"] == sites["gradcent"] == ()
     assert sites["gcw"] == sites["gcgd"] == SITES
 
 
@@ -81,7 +81,7 @@ def test_optimizers_from_torch_and_timm():
     assert type(lamb).__name__ == "Lamb"
     wrapped = build_optimizer(model, name="lion", sites=SITES, lr=1e-4, weight_decay=0.01)
     assert isinstance(wrapped, GCOptimizer) and type(wrapped.base).__name__ == "Lion"
-    look = build_optimizer(model, lookahead=True, lr=0.1)
+    look = build_optimizer(model, peer="lookahead", lr=0.1)
     assert type(look).__name__ == "Lookahead"
     with pytest.raises(GCSurgeryError, match="unknown optimizer 'lamb2'.*did you mean lamb"):
         build_optimizer(model, name="lamb2", lr=0.1)
