@@ -61,7 +61,8 @@ def run_config(cfg: dict, arm: str, seed: int) -> RunConfig:
         val_size=cfg["val_size"], test_size=cfg["test_size"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
         opt=cfg["opt"], lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
         augment=cfg["augment"], arm=arm, seed=seed, limit_train_batches=cfg["limit_batches"], eval_untrained=True,
-        device=cfg["device"], quiet=True,
+        device=cfg["device"], quiet=True, warmup_epochs=cfg.get("warmup_epochs", 0.0),
+        nesterov=cfg.get("nesterov", False),
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "crossing",
     "markdown_table",
     "mean_std",
+    "paired_interval",
     "paired_verdict",
     "plot_curves",
     "plus_minus",
@@ -72,6 +73,27 @@ def paired_verdict(diffs: Sequence[float], *, seed_sd: float | None = None, z: f
     half = z * sd / math.sqrt(n)
     verdict = "within noise" if abs(mean) <= half else ("ahead" if mean > 0 else "behind")
     return {"mean": mean, "sd": sd, "n": n, "half_width": half, "sd_from": source, "verdict": verdict}
+
+
+def paired_interval(diffs: Sequence[float], *, level: float = 0.95) -> dict:
+    """The mean of paired differences (arm minus baseline, one per seed) with its Student-t interval, and a verdict.
+
+    Returns:
+        ``mean``, ``sd``, ``n``, ``low`` and ``high`` (the ``level`` interval of the mean; None below 2 values)
+        and ``verdict``: ``"pays"`` (the interval lies above 0), ``"hurts"`` (below 0), ``"within noise"``
+        (it holds 0) or ``"unknown"`` (one value).
+    """
+    from scipy import stats
+
+    v = np.asarray(diffs, dtype=float)
+    n, mean = len(v), float(v.mean())
+    if n < 2:
+        return {"mean": mean, "sd": None, "n": n, "low": None, "high": None, "verdict": "unknown"}
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    low, high = mean - half, mean + half
+    verdict = "pays" if low > 0 else "hurts" if high < 0 else "within noise"
+    return {"mean": mean, "sd": sd, "n": n, "low": low, "high": high, "verdict": verdict}
 
 
 # --- tables -------------------------------------------------------------------------------------------------------
