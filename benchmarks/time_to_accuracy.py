@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 import gcsurgery  # noqa: E402
 from gcsurgery.errors import GCSurgeryError  # noqa: E402
-from gcsurgery.harness.arms import ALL_ARMS, parse_arm  # noqa: E402
+from gcsurgery.harness.arms import ALL_ARMS, ARMS, parse_arm  # noqa: E402
 from gcsurgery.harness.config import RunConfig, config_diff  # noqa: E402
 from gcsurgery.harness.datasets import build_data  # noqa: E402
 from gcsurgery.harness.report import crossing, markdown_table, mean_std, plot_curves, plus_minus, spread  # noqa: E402
@@ -242,7 +242,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--arms",
         nargs="+",
-        default=list(ALL_ARMS),
+        default=[*ARMS, "lookahead"],
         metavar="ARM[:KEY=VALUE,...]",
         help=f"of {list(ALL_ARMS)}, or a variant such as gcgd:ode.gate_init=0.1 (see above); baseline always runs",
     )

@@ -52,8 +52,8 @@ class RunConfig:
         warmup_epochs: linear warmup, in epochs (may be fractional).
         min_lr_ratio: the final lr as a fraction of the peak.
         label_smoothing: cross-entropy label smoothing.
-        arm: baseline, gcw (GC-W only), gcode (GC-ODE only), gcgd (both) or lookahead, or a variant such as
-            gcgd:ode.gate_init=0.1,gcw.lr=0.01.
+        arm: baseline, gcw (GC-W only), gcode (GC-ODE only), gcgd (both), or a peer (lookahead, sam, gradcent),
+            or a variant such as gcgd:ode.gate_init=0.1,gcw.lr=0.01 or gcode:ode.mode=gradient.
         gcw: GCWOptions for the arm, KEY=VALUE,... (e.g. lr=0.01,rho=0.5).
         ode: ODEOptions for the arm, KEY=VALUE,... (e.g. gate_init=0.1,solver=rk4).
         seed: seeds the model's initialisation, the data order, augmentation, GC-ODE and GC-W.

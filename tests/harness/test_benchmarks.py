@@ -78,3 +78,30 @@ def test_time_to_accuracy_quick_writes_results_table_and_plot(tmp_path):
     resumed = run("time_to_accuracy.py", "--quick", "--out", str(tmp_path), "--resume")
     assert not any(line.startswith("seed 0 epoch") for line in resumed.stdout.splitlines())  # all runs skipped
     assert json.loads((tmp_path / "results.json").read_text())["arms"] == res["arms"]
+
+
+def test_regimes_quick_runs_seeds_in_parallel_and_resumes(tmp_path):
+    argv = ["--quick", "--out", str(tmp_path), "--regimes", "resnet20", "--arms", "gcw", "sam", "--seeds", "0", "1"]
+    done = run("regimes.py", *argv, "--jobs", "2")
+    assert "done: resnet20 seed 0" in done.stdout and "done: resnet20 seed 1" in done.stdout
+    res = json.loads((tmp_path / "results.json").read_text())
+    cells = res["regimes"]["resnet20"]["arms"]
+    assert list(cells) == ["baseline", "gcw", "sam"]
+    for c in cells.values():
+        assert c["seeds"] == [0, 1] and 0 <= c["final_val_acc"]["mean"] <= 1 and len(c["curve"]) == 3
+        assert c["val_diff"]["n"] == 2 and c["val_diff"]["verdict"] in ("pays", "hurts", "within noise")
+        assert c["epochs_ratio"]["n"] == 2 and c["step_time_ratio"] > 0
+    assert cells["baseline"]["val_diff"]["mean"] == 0.0 and cells["sam"]["step_time_ratio"] > 1  # two passes a step
+    missing = {(m["regime"], m["arm"]): m["seeds"] for m in res["missing"]}
+    assert missing[("resnet20", "gcw")] == missing[("resnet20", "sam")] == 2 and missing[("plain56", "gcgd")] == 0
+    runs = sorted(p.name for p in (tmp_path / "runs" / "resnet20").iterdir())
+    assert runs == sorted(f"{a}-seed{s}.json" for a in ("baseline", "gcw", "sam") for s in (0, 1))  # no checkpoints
+    md = (tmp_path / "results.md").read_text()
+    assert "## resnet20" in md and "| gcw | 2 |" in md and "## Missing cells" in md
+    for png in ("map.png", "curves-resnet20.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = run("regimes.py", *argv)
+    assert not any(line.startswith("seed ") for line in again.stdout.splitlines())  # every run was there
+    assert json.loads((tmp_path / "results.json").read_text())["regimes"] == res["regimes"]
+    refused = run("regimes.py", "--quick", "--arms", "gcgd:ode.gate=1", "--out", str(tmp_path), check=False)
+    assert refused.returncode == 1 and "cannot read 'ode.gate=1'" in refused.stderr

@@ -2,7 +2,15 @@
 
 import pytest
 
-from gcsurgery.harness.report import crossing, markdown_table, mean_std, paired_verdict, plot_curves, spread
+from gcsurgery.harness.report import (
+    crossing,
+    markdown_table,
+    mean_std,
+    paired_interval,
+    paired_verdict,
+    plot_curves,
+    spread,
+)
 
 
 def test_crossing_interpolates_between_epochs():
@@ -35,3 +43,12 @@ def test_markdown_table_and_plot(tmp_path):
     assert markdown_table(["a", "b"], [["1", "2"]]) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
     plot_curves({"x": [0.5, 0.6]}, tmp_path / "a.png", bands={"x": [0.01, 0.02]}, first_epoch=1)
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_interval_is_students_t_and_gives_a_verdict():
+    v = paired_interval([0.01, 0.02, 0.03, 0.02, 0.02])
+    half = 2.7764451051977987 * 0.007071067811865475 / 5**0.5  # t(0.975, 4) · sd / √n
+    assert v["mean"] == pytest.approx(0.02) and v["high"] - v["mean"] == pytest.approx(half)
+    assert v["verdict"] == "pays" and paired_interval([-0.02, -0.021, -0.019])["verdict"] == "hurts"
+    assert paired_interval([0.01, -0.01, 0.02])["verdict"] == "within noise"
+    assert paired_interval([0.01])["verdict"] == "unknown"
