@@ -625,17 +625,12 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
             if s.node not in train_nodes or train_nodes[s.node].target != eval_nodes[s.node].target
         ]
         if not absent:  # same names can mean other nodes when the graphs differ: compare the shapes too
-            buffers = {k: b.clone() for k, b in model.named_buffers()}  # train mode counts BatchNorm batches
             try:
                 with preserve_modes(model):
                     train_infos = propagate(traced.train, example, training=True)
                 absent = [s.node for s in result.states if train_infos[s.node].shape != s.info.shape]
             except GCSurgeryError:
                 notes.append("the train-mode graph could not be run on the example; states matched by name only")
-            finally:
-                with torch.no_grad():
-                    for k, b in model.named_buffers():
-                        b.copy_(buffers[k])
         if absent:
             raise GCSurgeryError(
                 f"{type(model).__name__} traces to different graphs in train and eval mode, and the hidden states "
