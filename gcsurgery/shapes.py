@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import layouts
 from .errors import GCSurgeryError
+from .trace import preserve_buffers
 
 __all__ = ["NodeInfo", "holds_tensor", "permute_dims", "producer_layout", "propagate"]
 
@@ -134,11 +135,15 @@ def _same_layout(node: fx.Node, infos: dict, ndim: int) -> bool:
 
 
 def propagate(gm: fx.GraphModule, example: torch.Tensor, *, training: bool = False) -> dict[str, NodeInfo]:
-    """Runs the model once on `example` (no grad; eval mode unless `training`) and describes every node's output."""
+    """Runs the model once on `example` (no grad; eval mode unless `training`) and describes every node's output.
+
+    The buffers are left as they were (`preserve_buffers`): train mode counts BatchNorm batches, and a leaf that
+    caches a table on its first call would keep a fake tensor.
+    """
     was_training = gm.training
     gm.train(training)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserve_buffers(gm):
             try:  # fake tensors: shapes without compute
                 FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(example)
             except Exception:

@@ -15,7 +15,9 @@ from `h_{i-1}` to `h_i`: the main path, not a projection shortcut.
 `plan(model)` builds the automatic plan: trace → shapes → stages → `Plan`.
 """
 
+import contextlib
 import dataclasses
+import io
 import warnings
 
 import networkx as nx
@@ -383,8 +385,23 @@ DEFAULT_SIZE = (224, 224)
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The first convolution in module order (the one that reads the image, in every CNN we know)."""
+    """The first convolution in module order."""
     return next(((n, m) for n, m in model.named_modules() if isinstance(m, tuple(CONVS.values()))), None)
+
+
+def _input_conv(model: nn.Module, gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
+    """The first convolution the input goes into directly: a conv module called on the input, or one whose own
+    forward reads it (a same-padding conv pads it first, a weight-standardized conv calls F.conv2d on it)."""
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for node in gm.graph.nodes:
+        owner = _owner_module(node) if x in node.all_input_nodes else ""
+        try:
+            mod = model.get_submodule(owner) if owner else None
+        except AttributeError:
+            continue
+        if isinstance(mod, tuple(CONVS.values())):
+            return owner, mod
+    return None
 
 
 def declared_input_sizes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -402,14 +419,65 @@ def declared_input_sizes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def default_input(model: nn.Module) -> tuple[tuple[int, ...], str]:
+def _channels(model: nn.Module, gm: fx.GraphModule, hw, declared) -> tuple[int, str]:
+    """The input's channel count and where it came from (see `default_input`)."""
+    reader = _input_conv(model, gm)
+    if reader is not None:
+        chans = reader[1].in_channels
+        return chans, f"{chans} channel{'s' * (chans != 1)} from the first convolution {reader[0]!r}"
+    conv = _first_conv(model)
+    if conv is None:  # an MLP or a ViT: nothing to check the count against
+        chans = declared[0][1][0] if declared else 3
+        return chans, f"{chans} channel{'s' * (chans != 1)} {f'from {declared[0][0]}' if declared else 'assumed'}"
+    # the input goes through something else first (a DCT stem, space-to-depth): the first count the model runs on
+    sources = [(size[0], f"from {src}") for src, size in declared[:1]]
+    sources += [(conv[1].in_channels, f"from the first convolution {conv[0]!r}")]
+    sources += [(3, "assumed (an RGB image)"), (1, "assumed (a one-channel image)")]
+    param = next(iter(model.parameters()), None)
+    like = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
+    tried, failure = [], ""
+    for chans, src in sources:
+        if chans in tried:
+            continue
+        tried.append(chans)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # a failing graph prints its traceback
+                propagate(gm, torch.randn(1, chans, *hw, **like))
+        except GCSurgeryError as e:
+            failure = failure or _short(str(e.__cause__ or e))
+            continue
+        failed = f", not on {', '.join(map(str, tried[:-1]))}" if len(tried) > 1 else ""
+        return chans, (
+            f"{chans} channel{'s' * (chans != 1)} {src}: the input reaches no convolution directly (the first, "
+            f"{conv[0]!r}, takes {conv[1].in_channels}) and the model runs on {chans}{failed}"
+        )
+    raise GCSurgeryError(
+        f"{type(model).__name__}: no example_inputs given, and the input channels are not known: the input reaches no "
+        f"convolution directly (the first, {conv[0]!r}, takes {conv[1].in_channels}), and the model runs on none of "
+        f"{tried} channels at {hw[0]}x{hw[1]} (with {tried[0]}: {failure}); pass example_inputs=(1, C, H, W) with "
+        f"the input your model takes."
+    )
+
+
+def _short(text: str, limit: int = 160) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def default_input(model: nn.Module, *, graph: fx.GraphModule | None = None) -> tuple[tuple[int, ...], str]:
     """The example shape used when none is given, and a plan note saying where it came from.
 
-    Channels come from the first convolution; the spatial size from what the model declares (timm's
-    `pretrained_cfg`, torchvision weights kept on the model), else 224x224. Warns when two declared sizes differ.
+    The spatial size comes from what the model declares (timm's `pretrained_cfg`, torchvision weights kept on the
+    model), else 224x224; warns when two declared sizes differ. The channels come from the convolution the input
+    goes into (found in the traced graph: `resnet18(in_chans=1)` takes 1 channel, whatever its `pretrained_cfg`
+    says). Where the input goes through something else first (CSATv2's DCT stem, TResNet's space-to-depth), they
+    are the first of the declared count, the first convolution's, 3 and 1 that the model runs on.
+
+    Args:
+        model: the network.
+        graph: its traced eval-mode graph, where the caller has one; else the model is traced.
     """
     declared = declared_input_sizes(model)
-    conv = _first_conv(model)
     if declared:
         source, size = declared[0]
         others = [f"{src} says {s}" for src, s in declared[1:] if s[1:] != size[1:]]
@@ -422,12 +490,14 @@ def default_input(model: nn.Module) -> tuple[tuple[int, ...], str]:
         hw, where = size[1:], f"from {source} {size}"
     else:
         hw, where = DEFAULT_SIZE, "assumed: the model declares no input size"
-    chans = conv[1].in_channels if conv is not None else (declared[0][1][0] if declared else 3)
-    from_conv = f", {chans} channel{'s' * (chans != 1)} from the first convolution {conv[0]!r}" if conv else ""
+    if graph is None:
+        with preserve_modes(model):
+            graph = trace(model).eval
+    chans, from_where = _channels(model, graph, hw, declared)
     shape = (1, chans, *hw)
     note = (
-        f"no example_inputs given: input {'x'.join(map(str, shape))} (size {where}{from_conv}); the plan depends on "
-        f"the input size (which levels exist, which maps are 1x1): pass example_inputs=(1, {chans}, H, W) for yours"
+        f"no example_inputs given: input {'x'.join(map(str, shape))} (size {where}, {from_where}); the plan depends "
+        f"on the input size (which levels exist, which maps are 1x1): pass example_inputs=(1, {chans}, H, W) for yours"
     )
     return shape, note
 
@@ -437,19 +507,15 @@ def default_example_inputs(model: nn.Module) -> torch.Tensor:
     return torch.randn(default_input(model)[0])
 
 
-def _check_channels(gm, example: torch.Tensor) -> None:
-    """A convolution that reads the input directly must take the example's channel count."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, tuple(CONVS.values())):
-                if mod.in_channels != example.shape[1]:
-                    raise GCSurgeryError(
-                        f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the "
-                        f"model's first convolution {node.target!r} expects {mod.in_channels}; "
-                        f"pass an input with {mod.in_channels} channels."
-                    )
-                return
+def _check_channels(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """The convolution the input goes into directly must take the example's channel count."""
+    reader = _input_conv(model, gm)
+    if reader is not None and reader[1].in_channels != example.shape[1]:
+        name, expects = reader[0], reader[1].in_channels
+        raise GCSurgeryError(
+            f"example_inputs has {example.shape[1]} channels (shape {tuple(example.shape)}), but the "
+            f"model's first convolution {name!r} expects {expects}; pass an input with {expects} channels."
+        )
 
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -553,9 +619,9 @@ def plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify: bool
 
     Args:
         model: a timm, torchvision or user CNN (left untouched; its train/eval mode is restored).
-        example_inputs: an example batch (or its shape). Without it: the channel count of the first convolution,
-            the size timm's `pretrained_cfg` (or torchvision weights on the model) declares, else 224x224; the
-            plan's first note says which.
+        example_inputs: an example batch (or its shape). Without it: the channel count of the convolution the
+            input goes into (see `default_input`), the size timm's `pretrained_cfg` (or torchvision weights on the
+            model) declares, else 224x224; the plan's first note says which.
         leaf_modules: submodules to keep opaque when tracing: qualified names or classes.
         verify: check the traced graph against the eager model (outputs, buffers and parameter gradients in
             eval and train mode) and make diverging modules leaves; False skips the check.
@@ -597,19 +663,22 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
         raise GCSurgeryError(f"verify must be True or False, got {verify!r}.")
     check_bare(model)
     check_instance_forward(model)
-    assumed = []
-    if example_inputs is None:
-        example_inputs, note = default_input(model)
+    assumed, traced = [], None
+    if example_inputs is None:  # the channels come from the traced graph
+        with preserve_modes(model):
+            traced = trace(model, leaf_modules=leaf_modules)
+        example_inputs, note = default_input(model, graph=traced.eval)
         assumed.append(note)
     example = check_example_inputs(model, example_inputs)
     references, verified, checked = {}, "", ()
     with preserve_modes(model):
-        traced = trace(model, leaf_modules=leaf_modules)
+        if traced is None:
+            traced = trace(model, leaf_modules=leaf_modules)
         names = leaf_names(model, leaf_modules)
         if verify:
             traced, checked, verdict = verified_trace(model, traced, example, leaf_modules=names)
             references, verified = verdict.references, verdict.summary
-        _check_channels(traced.eval, example)
+        _check_channels(model, traced.eval, example)
         result = find_stages(traced.eval, example)
     states = tuple(
         State(s.node, s.module, tuple(s.info.shape[1:]), s.info.layout, s.info.channels, s.info.reduction)
@@ -625,17 +694,12 @@ def build_plan(model: nn.Module, example_inputs=None, *, leaf_modules=(), verify
             if s.node not in train_nodes or train_nodes[s.node].target != eval_nodes[s.node].target
         ]
         if not absent:  # same names can mean other nodes when the graphs differ: compare the shapes too
-            buffers = {k: b.clone() for k, b in model.named_buffers()}  # train mode counts BatchNorm batches
             try:
                 with preserve_modes(model):
                     train_infos = propagate(traced.train, example, training=True)
                 absent = [s.node for s in result.states if train_infos[s.node].shape != s.info.shape]
             except GCSurgeryError:
                 notes.append("the train-mode graph could not be run on the example; states matched by name only")
-            finally:
-                with torch.no_grad():
-                    for k, b in model.named_buffers():
-                        b.copy_(buffers[k])
         if absent:
             raise GCSurgeryError(
                 f"{type(model).__name__} traces to different graphs in train and eval mode, and the hidden states "

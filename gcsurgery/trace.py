@@ -22,7 +22,16 @@ from torch import fx, nn
 from .errors import GCSurgeryError
 from .wrappers import wrapper_attr
 
-__all__ = ["Leaf", "Traced", "check_bare", "check_leaf_modules", "leaf_names", "preserve_modes", "trace"]
+__all__ = [
+    "Leaf",
+    "Traced",
+    "check_bare",
+    "check_leaf_modules",
+    "leaf_names",
+    "preserve_buffers",
+    "preserve_modes",
+    "trace",
+]
 
 MAX_FALLBACK_LEAVES = 16
 
@@ -85,6 +94,31 @@ def preserve_modes(model: nn.Module):
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def preserve_buffers(model: nn.Module):
+    """Restores every buffer of every submodule on exit: the tensor itself and its values.
+
+    A forward may replace a buffer instead of updating it: ConViT's GPSA keeps a (1, 1, 1, 3) placeholder for
+    `rel_indices` and assigns the (1, N, N, 3) table on its first call. Copying the old values into the new tensor
+    would broadcast the placeholder over the table, and the next run would read that instead of building it; so
+    the old tensor is put back, and buffers registered during the run are removed.
+    """
+    saved = [(m, dict(m._buffers), set(m._non_persistent_buffers_set)) for m in model.modules()]
+    tensors = {id(b): b for _, buffers, _ in saved for b in buffers.values() if b is not None}
+    values = {k: b.detach().clone() for k, b in tensors.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers, non_persistent in saved:
+                m._buffers.clear()
+                m._buffers.update(buffers)
+                m._non_persistent_buffers_set.clear()
+                m._non_persistent_buffers_set.update(non_persistent)
+            for k, b in tensors.items():
+                b.copy_(values[k])
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from .errors import GCSurgeryError
-from .trace import Leaf, Traced, trace
+from .trace import Leaf, Traced, preserve_buffers, trace
 
 __all__ = [
     "Mismatch",
@@ -116,11 +116,12 @@ def _devices(x: torch.Tensor) -> list:
 
 
 def run(module: nn.Module, x: torch.Tensor, *, training: bool, params: dict[str, nn.Parameter]) -> Reference:
-    """One forward and backward in the given mode from RNG seed 0; buffers are restored afterwards."""
-    before = {k: b.clone() for k, b in module.named_buffers()}
+    """One forward and backward in the given mode from RNG seed 0; buffers are restored afterwards (`preserve_buffers`),
+    so every run starts from the state the model had, also where forward replaces a buffer (a cache built on the first
+    call)."""
     module.train(training)
     printed = io.StringIO()  # a failing GraphModule prints its generated code's traceback to stderr
-    try:
+    with preserve_buffers(module):
         with torch.random.fork_rng(devices=_devices(x)), torch.enable_grad(), contextlib.redirect_stderr(printed):
             torch.manual_seed(0)
             out = flatten(module(x))
@@ -133,11 +134,6 @@ def run(module: nn.Module, x: torch.Tensor, *, training: bool, params: dict[str,
                 grads = dict(zip(names, got, strict=True))
         after = {k: b.detach().clone() for k, b in module.named_buffers()}
         sys.stderr.write(printed.getvalue())  # the model's own warnings, when it ran
-    finally:
-        with torch.no_grad():
-            for k, b in module.named_buffers():
-                if k in before:
-                    b.copy_(before[k])
     outputs = [(k, v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out]
     return Reference(outputs, grads, after)
 

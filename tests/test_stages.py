@@ -64,6 +64,54 @@ def test_channels_come_from_the_first_convolution_and_the_size_from_pretrained_c
     assert not [w for w in recwarn if "input size" in str(w.message)]
 
 
+class SpaceToDepthNet(nn.Module):
+    """A stem that is no convolution and changes the channel count (TResNet, CSATv2's DCT): the image's (B, C, H, W)
+    normalized per channel (C weights: no other count runs), then folded to (B, 4C, H/2, W/2) for the first conv."""
+
+    def __init__(self, in_chans=3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(in_chans))
+        self.body = nn.Sequential(nn.Conv2d(4 * in_chans, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.stage = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.pixel_unshuffle(F.instance_norm(x, weight=self.weight), 2)
+        return self.fc(self.stage(self.body(x)).mean((2, 3)))
+
+
+def test_channels_are_the_first_count_the_model_runs_on_when_no_convolution_reads_the_input():
+    model = SpaceToDepthNet()
+    model.pretrained_cfg = {"input_size": (3, 32, 32)}
+    p = gcs.plan(model, verify=False)
+    assert p.input_shape == (1, 3, 32, 32)
+    assert (
+        "3 channels from timm's pretrained_cfg['input_size']: the input reaches no convolution directly (the first, "
+        "'body.0', takes 12) and the model runs on 3);" in p.notes[0]
+    )
+    one = SpaceToDepthNet(in_chans=1)  # declared 3 channels still, as timm's pretrained_cfg for in_chans=1
+    one.pretrained_cfg = {"input_size": (3, 32, 32)}
+    p = gcs.plan(one, verify=False)
+    assert p.input_shape == (1, 1, 32, 32)
+    assert (
+        "1 channel assumed (a one-channel image): the input reaches no convolution directly (the first, 'body.0', "
+        "takes 4) and the model runs on 1, not on 3, 4);" in p.notes[0]
+    )
+    with pytest.raises(GCSurgeryError, match=r"running SpaceToDepthNet on an example input of shape \(1, 12, 32, 32"):
+        gcs.plan(model, (1, 12, 32, 32), verify=False)  # a wrong input is refused, as before
+
+
+def test_a_model_that_runs_on_no_candidate_channel_count_asks_for_example_inputs():
+    model = SpaceToDepthNet(in_chans=5)  # takes 5 channels: neither the first convolution's 20, nor 3, nor 1
+    with pytest.raises(
+        GCSurgeryError,
+        match=r"runs on none of \[20, 3, 1\] channels at 224x224 \(with 20: .*"
+        r"pass example_inputs=\(1, C, H, W\)",
+    ):
+        gcs.plan(model, verify=False)
+    assert gcs.plan(model, (1, 5, 32, 32), verify=False).input_shape == (1, 5, 32, 32)
+
+
 def test_assumed_size_is_said_in_the_notes_when_the_model_declares_none():
     p = gcs.plan(TinyResNet(in_chans=2), verify=False)
     assert p.input_shape == (1, 2, 224, 224)

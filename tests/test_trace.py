@@ -8,6 +8,7 @@ from torch import nn
 
 import gcsurgery as gcs
 from gcsurgery import GCSurgeryError
+from gcsurgery.trace import preserve_buffers
 
 
 def test_untraceable_submodule_becomes_a_recorded_leaf():
@@ -87,3 +88,30 @@ def test_train_graph_nodes_are_named_after_their_eval_counterparts():
     assert train == eval_ == [("<built-in function mul>", "1.1"), ("3.1", "3.1")]
     for training in (False, True):
         assert torch.equal(outputs(model, x, training=training)[0], outputs(gm, x, training=training)[0])
+
+
+class ReplacesItsBuffer(nn.Module):
+    """Replaces a placeholder buffer by a table on the first call, and registers a new buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(1, 1), persistent=False)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.table = torch.ones(1, x.shape[-1])
+        self.register_buffer("made", torch.ones(2))
+        self.count += 1
+        return x * self.table
+
+
+def test_preserve_buffers_puts_back_the_tensors_a_forward_replaced():
+    m = ReplacesItsBuffer()
+    table, count = m.table, m.count
+    with preserve_buffers(m):
+        m(torch.randn(2, 5))
+        assert m.table.shape == (1, 5) and float(m.count) == 1 and hasattr(m, "made")
+    assert m.table is table and m.table.shape == (1, 1) and torch.equal(table, torch.zeros(1, 1))
+    assert m.count is count and float(count) == 0  # updated in place: the same tensor, its old value
+    assert not hasattr(m, "made") and "made" not in dict(m.named_buffers())
+    assert set(m.state_dict()) == {"count"}  # `table` is still non-persistent

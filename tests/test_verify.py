@@ -111,6 +111,21 @@ class FrozenBranch(nn.Module):
         return x + y
 
 
+class CachedTable(nn.Module):
+    """ConViT's GPSA pattern: a placeholder buffer, replaced on the first call by a table of the input's width."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.register_buffer("table", torch.zeros(1, 1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        w = x.shape[-1]
+        if self.table.shape[-1] != w:  # traced, a Proxy in a branch: the fallback makes this module a leaf
+            self.table = torch.linspace(0.5, 1.5, w).view(1, 1, 1, w)
+        return F.relu(self.conv(x) * self.table)
+
+
 def net(*stages: nn.Module, c: int = 8, head: nn.Module | None = None) -> nn.Sequential:
     """A 3-level CNN: stem, then each stage followed by 2x2 max pooling (the last one by the head)."""
     layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1), nn.ReLU()]
@@ -240,6 +255,22 @@ def test_a_divergence_no_leaf_fixes_names_the_place_and_the_fix(capfd):
     assert "output out differs in eval mode (max abs diff" in msg
     assert "top-level forward" in msg and "isinstance/type check" in msg and "verify=False" in msg
     assert capfd.readouterr().err == ""  # no traceback printed before the error
+
+
+def test_a_buffer_that_forward_replaces_is_put_back_so_every_run_starts_alike():
+    # restoring the placeholder's value into the new table broadcast zeros over it, so every run after the first
+    # read a zeroed table: the check compared the eager model's first run with a graph run on other state, refused
+    # a faithful ConViT ("output out differs in eval mode") and took this model for a nondeterministic one
+    torch.manual_seed(0)
+    model = net(conv_stage(), CachedTable(8), conv_stage())
+    placeholder = model[4].table
+    x = torch.randn(2, 3, 32, 32)
+    p = gcs.plan(model, x)
+    assert [leaf.module for leaf in p.leaves] == ["4"]
+    assert p.verified.startswith("eval and train mode: outputs, buffers and") and "bit-identical" in p.verified
+    assert model[4].table is placeholder and torch.equal(placeholder, torch.zeros(1, 1, 1, 1))  # no fake tensor left
+    gm = gcs.gcify(model, p)
+    assert_verified_by_hand(model, gm, x)
 
 
 def test_instance_forward_is_refused_with_the_wrapper():

@@ -109,7 +109,7 @@ def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     import torch
 
     from ..rewrite import gcify
-    from ..stages import default_example_inputs, plan
+    from ..stages import plan
     from .models import build_model
 
     row = {"model": spec, "states": 0, "pairs": 0, "gcw": 0, "seconds": 0.0, "status": "", "detail": ""}
@@ -118,16 +118,14 @@ def check_model(spec: str, *, exact: bool = True, batch: int = 2) -> dict:
     try:
         torch.manual_seed(0)
         model = build_model(spec)
-        example = _torchvision_example(spec, model)
-        example = default_example_inputs(model) if example is None else example
-        p = plan(model, example)
+        p = plan(model, _torchvision_example(spec, model))  # None: the planner's default input, said in its notes
         row.update(states=len(p.states), pairs=len(p.ode_pairs), gcw=len(p.gcw_sites))
         row["plan_seconds"] = round(time.perf_counter() - t0, 3)
         row["notes"] = list(p.notes)
         row["leaves"] = [leaf.module for leaf in p.leaves]
         if exact:
             gm = gcify(model, p)
-            x = torch.randn(batch, *example.shape[1:])
+            x = torch.randn(batch, *p.input_shape[1:])
             for mode in (False, True):
                 model.train(mode)
                 gm.train(mode)
