@@ -213,7 +213,7 @@ def markdown(report: dict, *, header: str, command: str) -> str:
     lines = [header, ""]
     head = [
         "arm", "seeds", "final val acc (%)", "Δ val, pts [95% CI]", "verdict", "Δ test, pts [95% CI]",
-        "epochs to baseline final (ratio)", "wall time to it (ratio)", "step time ratio",
+        "epochs to baseline final (ratio)", "wall time to it (ratio)", "CPU time to it (ratio)", "step time ratio",
     ]  # fmt: skip
     for regime, r in report["regimes"].items():
         lines += [f"## {regime}: {r['what']}", ""]
@@ -231,6 +231,7 @@ def markdown(report: dict, *, header: str, command: str) -> str:
                     "—" if arm == "baseline" else _interval(c["test_diff"]),
                     _ratio_text(c["epochs_ratio"]),
                     _ratio_text(c["wall_ratio"]),
+                    _ratio_text(c["cpu_ratio"]),
                     f"{c['step_time_ratio']:.2f}",
                 ]
             )
@@ -304,7 +305,8 @@ def write_report(out: Path, *, quick: bool, command: str) -> dict:
         "baseline of its regime; Δ in accuracy points with a 95% Student-t interval over the seeds; ratios are the "
         "arm's over the baseline's, per seed, to each seed's own baseline final validation accuracy (in brackets the "
         "seeds that reach it). Runs train one thread each, two at a time on 2 cores; wall-time ratios pair the arms "
-        "of a seed, which train in turns in one process."
+        "of a seed, which train in turns in one process, and CPU-time ratios (the process's own CPU time) are the "
+        "ones other jobs on the machine disturb least."
     )
     report = {"description": header, "base": base, "regime_settings": REGIMES, "torch": torch.__version__,
               "gcsurgery": gcsurgery.__version__, "command": command, **report}  # fmt: skip
