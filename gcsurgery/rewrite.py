@@ -152,16 +152,46 @@ def plan_mismatch(model: nn.Module, plan: Plan) -> str | None:
     return fingerprint_mismatch(model, plan, traced.eval.graph)
 
 
-def _insert_branches(graph: fx.Graph, plan: Plan) -> None:
+def _insert_branches(graph: fx.Graph, plan: Plan, *, early_source: bool) -> None:
+    """Inserts `h_b <- gc.ode.k(h_a, h_b)` after `h_b` for each pair; with `early_source`, the branch reads `h_a`
+    through a view taken right after `h_a` is computed (`_source_view`)."""
     nodes = {n.name: n for n in graph.nodes}
     current = {i: nodes[s.node] for i, s in enumerate(plan.states)}
     for k, (a, b) in sorted(enumerate(plan.ode_pairs), key=lambda kv: (kv[1][1], kv[0])):
-        dst = current[b]
+        dst, src = current[b], current[a]
+        if early_source:
+            src = _source_view(graph, src, k)
         with graph.inserting_after(dst):
-            new = graph.create_node("call_module", f"{BRANCH_PREFIX}.{k}", (current[a], dst))
+            new = graph.create_node("call_module", f"{BRANCH_PREFIX}.{k}", (src, dst))
         dst.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         current[b] = new
     graph.lint()
+
+
+def _source_view(graph: fx.Graph, src: fx.Node, k: int) -> fx.Node:
+    """`src.view_as(src)`, inserted right after `src`: what branch k reads as its source.
+
+    In backward, autograd sums the gradients a tensor gets from its readers into the buffer of the first one that
+    arrives, in place, so the sum keeps that gradient's memory layout. A branch read at its destination runs after
+    the whole stage and sends its gradient first: its layout (src's own strides) would then replace the one the
+    network's gradients have, and kernels further back sum in another order (LeViT's stem BatchNorm got a weight
+    gradient 3e-11 off through the tokens' transpose). The view's autograd node is older than every other reader's,
+    so its gradient arrives last and is added into the network's, whose layout stays: with the gate at zero every
+    gradient is bit-identical. A view copies nothing, and the branch still reads the value it read before."""
+    with graph.inserting_after(src):
+        view = graph.create_node("call_method", "view_as", (src, src), name=f"gc_ode_{k}_src")
+    view.meta.update({key: src.meta[key] for key in ("nn_module_stack", "stack_trace") if key in src.meta})
+    return view
+
+
+def _is_source_view(node) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_method"
+        and node.target == "view_as"
+        and len(node.args) == 2
+        and node.args[0] is node.args[1]
+    )
 
 
 def _check_leaf_modules(model: nn.Module, plan: Plan, leaf_modules) -> None:
@@ -276,7 +306,7 @@ def gcify(
     holder.ode = branches
     gm.gc = holder
     for g in gm.graphs:
-        _insert_branches(g, plan)
+        _insert_branches(g, plan, early_source=ode.mode == "branch")  # gradient mode reads src itself (its hook)
     gm.recompile_all()
     if verify:
         plan = _verify_rewrite(source, gm, plan, example, references)
@@ -316,8 +346,11 @@ def strip(gc_model: nn.Module, *, keep_ode: bool = True) -> fx.GraphModule:
         for g in out.graphs:
             for node in list(g.nodes):
                 if node.op == "call_module" and str(node.target).startswith(BRANCH_PREFIX + "."):
+                    src = node.args[0]
                     node.replace_all_uses_with(node.args[1])
                     g.erase_node(node)
+                    if _is_source_view(src) and not src.users:  # the view the branch read its source through
+                        g.erase_node(src)
         del out.gc
         out.recompile_all()
     return out

@@ -6,6 +6,7 @@ import timm
 import torch
 import torchvision
 from conftest import TinyConvNeXt, TinyResNet, TinyVGG, WithUntraceable
+from torch import nn
 
 import gcsurgery as gcs
 from gcsurgery import GCSurgeryError, ODEOptions
@@ -63,6 +64,78 @@ def test_gcify_is_exact_at_insertion_and_every_parameter_gets_a_gradient(name):
     assert not missing
     gates = [p for n, p in gm.named_parameters() if n.endswith(".gate")]
     assert gates and all(g.grad.abs().sum() > 0 for g in gates)
+
+
+class TokenNet(nn.Module):
+    """LeViT's pattern: a convolution stem ending in BatchNorm whose map becomes tokens through a transpose (no copy,
+    so the tokens keep NCHW strides through the residual adds), then token blocks and a token subsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 2, 1),
+            nn.BatchNorm2d(16),
+            nn.Hardswish(),
+            nn.Conv2d(16, 32, 3, 2, 1),
+            nn.BatchNorm2d(32),  # the tokens' gradient reaches it through the transpose
+        )
+        self.pos = nn.Parameter(torch.zeros(1, 256, 32))  # runs at 64x64 only, as LeViT at its size
+        self.mlp1 = nn.Sequential(nn.Linear(32, 64), nn.Hardswish(), nn.Linear(64, 32))
+        self.mlp2 = nn.Sequential(nn.Linear(32, 64), nn.Hardswish(), nn.Linear(64, 32))
+        self.down = nn.Linear(32, 64)
+        self.mlp3 = nn.Sequential(nn.Linear(64, 128), nn.Hardswish(), nn.Linear(128, 64))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)  # (B, 256, 32) with the strides of a (B, 32, 16, 16) map
+        x = x + self.mlp1(x + self.pos)
+        x = x + self.mlp2(x)
+        b, _, c = x.shape
+        x = self.down(x.view(b, 16, 16, c)[:, ::2, ::2].reshape(b, 64, c))
+        x = x + self.mlp3(x)
+        return self.head(x.mean(1))
+
+
+def _branch_sources(gm):
+    return [n.args[0] for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith("gc.ode.")]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_branch_leaves_the_layout_of_its_sources_gradient_as_the_network_makes_it(seed):
+    """A branch sends its source's gradient after the network's (it reads the source through a view taken right after
+    it), so autograd adds it into the network's gradient, not the other way round, and the gradient keeps the
+    network's layout: read at its destination, the branch's would come first, and its layout (the tokens' NCHW
+    strides) reached the stem's BatchNorm, whose weight gradient then summed in another order (about 1e-9 off)."""
+    torch.manual_seed(seed)
+    model = TokenNet()
+    gm = gcs.gcify(model, example_inputs=(1, 3, 64, 64))  # verifies every gradient bit-identical, gates at zero
+    assert gm.gc_plan.verified.endswith("; the gcified graph too")
+    order = list(gm.graph.nodes)
+    for view in _branch_sources(gm):
+        assert view.op == "call_method" and view.target == "view_as"
+        assert order.index(view) == order.index(view.args[0]) + 1  # before every other reader of the source
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (False, True):  # and so with the gates as gcify leaves them, not only in its check
+        grads = []
+        for net in (model, gm):
+            net.train(mode)
+            net.zero_grad(set_to_none=True)
+            torch.manual_seed(3)
+            net(x).square().sum().backward()
+            grads.append({k: p.grad for k, p in net.named_parameters() if not k.startswith("gc.")})
+        assert grads[0].keys() == grads[1].keys()
+        assert all(torch.equal(g, grads[1][k]) for k, g in grads[0].items())
+    plain = gcs.strip(gm, keep_ode=False)  # the views go with the branches
+    assert not [n for n in plain.graph.nodes if n.op == "call_method" and n.target == "view_as"]
+    model.eval(), plain.eval()
+    assert torch.equal(plain(x), model(x))
+
+
+def test_a_gradient_mode_branch_reads_its_source_itself(tiny_resnet, x32):
+    """Gradient mode hooks the source tensor the network reads (its injection); a view would never get a gradient."""
+    gm = gcs.gcify(tiny_resnet, example_inputs=x32, ode=ODEOptions(mode="gradient"))
+    states = {s.node for s in gm.gc_plan.states}
+    assert all(src.name in states or src.target.startswith("gc.ode.") for src in _branch_sources(gm))
 
 
 def test_state_dict_keys_are_kept_and_new_ones_share_one_prefix(tiny_resnet, x32):

@@ -88,11 +88,17 @@ def _torchvision_example(spec: str, model) -> "torch.Tensor | None":
 
 
 def check_gradients(model, gm, x, mode: str) -> None:
-    """Every original parameter's gradient of sum(output) is bit-identical in the gcified model (same RNG)."""
+    """Every original parameter's gradient of sum(output) is bit-identical in the gcified model (same RNG).
+
+    Each net is put in `mode` again first, as `gcsurgery.verify.run` does: a model may cache a value on its first
+    forward after a mode switch and drop the cache in `train()` (LeViT's attention biases in eval mode), and the
+    cache a no-grad forward left behind is detached, so the eager model would then give those parameters no
+    gradient at all, which the graph (tracing reads the parameters themselves) does not compute."""
     import torch
 
     grads = []
     for net in (model, gm):
+        net.train(mode == "train")
         net.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         _first(net(x)).float().sum().backward()

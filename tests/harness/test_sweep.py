@@ -57,3 +57,36 @@ def test_a_gradient_that_differs_is_a_mismatch_naming_the_parameter():
     check_gradients(model, model, torch.randn(2, 3, 32, 32), "eval")
     with pytest.raises(AssertionError, match=r"gradient of 2\.weight not exact in train mode"):
         check_gradients(model, twin, torch.randn(2, 3, 32, 32), "train")
+
+
+class _EvalCache(nn.Module):
+    """LeViT's attention biases: in eval mode a value made from a parameter is cached on the first forward and
+    dropped by `train()`, so a forward without gradients leaves a detached value behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.cache = {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training:
+            return x * self.scale
+        if "scale" not in self.cache:
+            self.cache["scale"] = self.scale * 1.0
+        return x * self.cache["scale"]
+
+
+def test_gradients_are_compared_from_the_state_a_mode_switch_leaves():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _EvalCache()).eval()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3)
+    with torch.no_grad():  # the output check before check_gradients: the model caches a detached value
+        model(x)
+    check_gradients(model, twin, x, "eval")  # both from a fresh cache: 1.scale gets its gradient in each
+    assert model[1].scale.grad is not None and torch.equal(model[1].scale.grad, twin[1].scale.grad)
