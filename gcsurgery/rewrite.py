@@ -152,13 +152,47 @@ def plan_mismatch(model: nn.Module, plan: Plan) -> str | None:
     return fingerprint_mismatch(model, plan, traced.eval.graph)
 
 
-def _insert_branches(graph: fx.Graph, plan: Plan) -> None:
+class _GradientLast(torch.autograd.Function):
+    """Identity whose incoming gradient is handed to `box`; its input gets a broadcast zero instead (see
+    `branch_source`), which keeps the input's gradient defined and takes the layout of what is added to it."""
+
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.box[:] = [g]
+        return g.new_zeros(()).expand_as(g), None
+
+
+def branch_source(src):
+    """`src` for a GC-ODE branch, whose gradient joins the one `src` gets from the network after it, not before.
+
+    The branch runs after dst, so autograd computes its gradient for src first and accumulates the network's into
+    it: the sum takes the branch's memory layout (a contiguous gradient where the network's is channels-last, as
+    in CoAtNet's attention stages), and a later reduction over that gradient (a bias's) sums in another order.
+    Here the branch's gradient is kept aside and added to src's complete gradient from the network, which keeps
+    that gradient's layout: with the gate at zero, src's gradient is the eager model's, bit for bit.
+    """
+    if not (isinstance(src, torch.Tensor) and src.requires_grad and torch.is_grad_enabled()):
+        return src
+    box: list = []
+    src.register_hook(lambda g: g + box.pop() if box else g)  # src's whole gradient, then the branch's
+    return _GradientLast.apply(src, box)
+
+
+def _insert_branches(graph: fx.Graph, plan: Plan, ode: ODEOptions) -> None:
     nodes = {n.name: n for n in graph.nodes}
     current = {i: nodes[s.node] for i, s in enumerate(plan.states)}
     for k, (a, b) in sorted(enumerate(plan.ode_pairs), key=lambda kv: (kv[1][1], kv[0])):
-        dst = current[b]
-        with graph.inserting_after(dst):
-            new = graph.create_node("call_module", f"{BRANCH_PREFIX}.{k}", (current[a], dst))
+        dst, src, at = current[b], current[a], current[b]
+        if ode.mode == "branch":  # gradient mode: the branch adds its VJP to src's own gradient already
+            with graph.inserting_after(dst):
+                src = at = graph.call_function(branch_source, (src,))
+        with graph.inserting_after(at):
+            new = graph.create_node("call_module", f"{BRANCH_PREFIX}.{k}", (src, dst))
         dst.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         current[b] = new
     graph.lint()
@@ -182,18 +216,24 @@ def _verify_rewrite(source: nn.Module, gm: GCGraphModule, plan: Plan, example, r
         kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
         example = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0)).to(**kw)
     params = {k: p for k, p in source.named_parameters() if p.requires_grad}
+    # a branch takes NLC tokens of the plan's count only (layouts.matches): a smaller input would make it refuse
+    shrink = not any(plan.states[i].layout == "NLC" for pair in plan.ode_pairs for i in pair)
     # gate_init != 0 (and a gradient-mode branch's injection) changes the function on purpose: check without
     with neutral(gm.gc.ode), preserve_modes(source):
-        verdict = compare(source, {False: gm, True: gm}, example, params=params, references=references)
+        verdict = compare(source, {False: gm, True: gm}, example, params=params, references=references, shrink=shrink)
     if verdict.mismatch is not None:
         raise GCSurgeryError(
             f"the gcified {type(source).__name__} does not compute what the model computes: {verdict.mismatch}. "
             "With its gates at zero every branch adds exact zeros, so this is a plan that does not fit the model "
             "(build it anew with gcsurgery.plan(model)) or a bug in gcsurgery; pass verify=False to skip this check."
         )
-    base = plan.verified.removesuffix(GCIFIED_TOO)  # a plan from a gcified model (a checkpoint) says it already
+    base = plan.verified.split(GCIFIED_TOO)[0]  # a plan from a gcified model (a checkpoint) says it already
     base = "" if base.startswith(GCIFIED) else base
-    return dataclasses.replace(plan, verified=base + GCIFIED_TOO if base else f"{GCIFIED}{verdict.summary}")
+    too = GCIFIED_TOO
+    if not shrink and verdict.inputs:  # the plan's check may have run on the shrunk batch: say where this one ran
+        shape = "x".join(map(str, verdict.inputs["eval"].shape))
+        too += f" on a {shape} batch (its branches take tokens)"
+    return dataclasses.replace(plan, verified=base + too if base else f"{GCIFIED}{verdict.summary}")
 
 
 def gcify(
@@ -276,7 +316,7 @@ def gcify(
     holder.ode = branches
     gm.gc = holder
     for g in gm.graphs:
-        _insert_branches(g, plan)
+        _insert_branches(g, plan, ode)
     gm.recompile_all()
     if verify:
         plan = _verify_rewrite(source, gm, plan, example, references)
@@ -316,8 +356,11 @@ def strip(gc_model: nn.Module, *, keep_ode: bool = True) -> fx.GraphModule:
         for g in out.graphs:
             for node in list(g.nodes):
                 if node.op == "call_module" and str(node.target).startswith(BRANCH_PREFIX + "."):
+                    src = node.args[0]
                     node.replace_all_uses_with(node.args[1])
                     g.erase_node(node)
+                    if isinstance(src, fx.Node) and src.target is branch_source and not src.users:
+                        g.erase_node(src)
         del out.gc
         out.recompile_all()
     return out
