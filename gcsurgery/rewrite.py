@@ -152,46 +152,28 @@ def plan_mismatch(model: nn.Module, plan: Plan) -> str | None:
     return fingerprint_mismatch(model, plan, traced.eval.graph)
 
 
-class _GradientLast(torch.autograd.Function):
-    """Identity whose incoming gradient is handed to `box`; its input gets a broadcast zero instead (see
-    `branch_source`), which keeps the input's gradient defined and takes the layout of what is added to it."""
-
-    @staticmethod
-    def forward(ctx, x, box):
-        ctx.box = box
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.box[:] = [g]
-        return g.new_zeros(()).expand_as(g), None
-
-
 def branch_source(src):
-    """`src` for a GC-ODE branch, whose gradient joins the one `src` gets from the network after it, not before.
+    """`src` for a GC-ODE branch: an alias made right after src, so that its gradient reaches src after the network's.
 
-    The branch runs after dst, so autograd computes its gradient for src first and accumulates the network's into
-    it: the sum takes the branch's memory layout (a contiguous gradient where the network's is channels-last, as
-    in CoAtNet's attention stages), and a later reduction over that gradient (a bias's) sums in another order.
-    Here the branch's gradient is kept aside and added to src's complete gradient from the network, which keeps
-    that gradient's layout: with the gate at zero, src's gradient is the eager model's, bit for bit.
+    The branch runs after dst, so its backward comes first; reading src directly, it would start src's gradient
+    and autograd would accumulate the network's into it, in the branch gradient's memory layout (contiguous where
+    the network's is channels-last, as in CoAtNet's attention stages), and the reductions over that gradient (a
+    bias's) would sum in another order than in the eager model. Autograd runs the ready node made last first, so
+    the alias, made before every other use of src, passes the branch's gradient on after the network's: src's
+    gradient keeps the network's layout and, with the gate at zero, the eager model's bits.
     """
-    if not (isinstance(src, torch.Tensor) and src.requires_grad and torch.is_grad_enabled()):
-        return src
-    box: list = []
-    src.register_hook(lambda g: g + box.pop() if box else g)  # src's whole gradient, then the branch's
-    return _GradientLast.apply(src, box)
+    return src.view_as(src) if isinstance(src, torch.Tensor) else src
 
 
 def _insert_branches(graph: fx.Graph, plan: Plan, ode: ODEOptions) -> None:
     nodes = {n.name: n for n in graph.nodes}
     current = {i: nodes[s.node] for i, s in enumerate(plan.states)}
     for k, (a, b) in sorted(enumerate(plan.ode_pairs), key=lambda kv: (kv[1][1], kv[0])):
-        dst, src, at = current[b], current[a], current[b]
+        dst, src = current[b], current[a]
         if ode.mode == "branch":  # gradient mode: the branch adds its VJP to src's own gradient already
-            with graph.inserting_after(dst):
-                src = at = graph.call_function(branch_source, (src,))
-        with graph.inserting_after(at):
+            with graph.inserting_after(src):
+                src = graph.call_function(branch_source, (src,))
+        with graph.inserting_after(dst):
             new = graph.create_node("call_module", f"{BRANCH_PREFIX}.{k}", (src, dst))
         dst.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         current[b] = new

@@ -360,24 +360,30 @@ def test_a_branch_keeps_the_layout_and_so_the_bits_of_its_sources_gradient():
     assert not any(n.target is branch_source for n in plain.graph.nodes)
 
 
-def test_branch_source_adds_the_branch_gradient_to_the_networks_after_it():
-    src = torch.randn(2, 8, 6, 6, requires_grad=True)
+def test_branch_source_passes_the_branch_gradient_on_after_the_networks():
     w = torch.randn(2, 6, 6, 8)
 
     def network(t):  # channels-last gradient
         return (t.permute(0, 2, 3, 1) * w).sum()
 
-    def branch(t):  # contiguous gradient, created later: arrives first
+    def branch(t):  # contiguous gradient, made after the network's ops: its backward runs first
         return (t * torch.arange(8.0)[:, None, None]).square().sum()
 
-    (plain,) = torch.autograd.grad(network(src) + branch(src), src)
-    (deferred,) = torch.autograd.grad(network(src) + branch(branch_source(src)), src)
-    (alone,) = torch.autograd.grad(network(src), src)
-    assert plain.is_contiguous() and deferred.stride() == alone.stride()
+    def grad(build):
+        src = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0)).requires_grad_() * 1.0
+        return torch.autograd.grad(build(src), src)[0]
+
+    plain = grad(lambda s: network(s) + branch(s))
+    alone = grad(network)
+
+    def aliased(s):
+        alias = branch_source(s)  # made right after src, as gcify places it
+        return network(s) + branch(alias)
+
+    deferred = grad(aliased)
+    assert plain.is_contiguous() and not alone.is_contiguous() and deferred.stride() == alone.stride()
     assert torch.equal(plain, deferred)  # the same sum, in the network gradient's layout
-    (only_branch,) = torch.autograd.grad(branch(branch_source(src)), src)
-    assert torch.equal(only_branch, torch.autograd.grad(branch(src), src)[0])
-    assert branch_source(src.detach()) is not None and not branch_source(src.detach()).requires_grad
+    assert torch.equal(grad(lambda s: branch(branch_source(s))), grad(branch))
 
 
 class _TokenStage(nn.Module):
