@@ -212,18 +212,24 @@ def _verify_rewrite(source: nn.Module, gm: GCGraphModule, plan: Plan, example, r
         kw = {"device": param.device, "dtype": param.dtype} if param is not None else {}
         example = torch.randn(plan.input_shape, generator=torch.Generator().manual_seed(0)).to(**kw)
     params = {k: p for k, p in source.named_parameters() if p.requires_grad}
+    # a branch takes NLC tokens of the plan's count only (layouts.matches): a smaller input would make it refuse
+    shrink = not any(plan.states[i].layout == "NLC" for pair in plan.ode_pairs for i in pair)
     # gate_init != 0 (and a gradient-mode branch's injection) changes the function on purpose: check without
     with neutral(gm.gc.ode), preserve_modes(source):
-        verdict = compare(source, {False: gm, True: gm}, example, params=params, references=references)
+        verdict = compare(source, {False: gm, True: gm}, example, params=params, references=references, shrink=shrink)
     if verdict.mismatch is not None:
         raise GCSurgeryError(
             f"the gcified {type(source).__name__} does not compute what the model computes: {verdict.mismatch}. "
             "With its gates at zero every branch adds exact zeros, so this is a plan that does not fit the model "
             "(build it anew with gcsurgery.plan(model)) or a bug in gcsurgery; pass verify=False to skip this check."
         )
-    base = plan.verified.removesuffix(GCIFIED_TOO)  # a plan from a gcified model (a checkpoint) says it already
+    base = plan.verified.split(GCIFIED_TOO)[0]  # a plan from a gcified model (a checkpoint) says it already
     base = "" if base.startswith(GCIFIED) else base
-    return dataclasses.replace(plan, verified=base + GCIFIED_TOO if base else f"{GCIFIED}{verdict.summary}")
+    too = GCIFIED_TOO
+    if not shrink and verdict.inputs:  # the plan's check may have run on the shrunk batch: say where this one ran
+        shape = "x".join(map(str, verdict.inputs["eval"].shape))
+        too += f" on a {shape} batch (its branches take tokens)"
+    return dataclasses.replace(plan, verified=base + too if base else f"{GCIFIED}{verdict.summary}")
 
 
 def gcify(

@@ -13,7 +13,8 @@ nondeterministic kernel) is a tolerance used: ten times the eager model's own ru
 
 The batch is the example shrunk (so that verifying ResNet-50 at 224 px costs a small share of planning it):
 batch 2, each side divided by the largest power of two up to 8 that leaves 16 px; where the eager model does
-not run at that size (a fixed-size head), the example itself, repeated to batch 2.
+not run at that size (a fixed-size head), or where the graph's GC-ODE branches take token (NLC) maps, whose
+count a branch is built for, the example itself, repeated to batch 2.
 """
 
 import contextlib
@@ -91,15 +92,16 @@ def flatten(value, prefix: str = "out") -> list[tuple[str, object]]:
     return [(prefix, value)]
 
 
-def verification_inputs(example: torch.Tensor) -> list[torch.Tensor]:
-    """Batches to verify on, cheapest first: the example shrunk (batch 2), then the example at batch >= 2."""
+def verification_inputs(example: torch.Tensor, *, shrink: bool = True) -> list[torch.Tensor]:
+    """Batches to verify on, cheapest first: the example shrunk (batch 2; not with shrink=False), then the example
+    at batch >= 2."""
     gen = torch.Generator().manual_seed(0)
     full = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).contiguous()
     sides = example.shape[2:]
     k = 1
     while k < MAX_SHRINK and min(sides) // (2 * k) >= MIN_SIDE:
         k *= 2
-    if k == 1 or example.dim() < 3:
+    if k == 1 or example.dim() < 3 or not shrink:
         return [full]
     small = torch.randn(2, example.shape[1], *(math.ceil(s / k) for s in sides), generator=gen)
     return [small.to(device=example.device, dtype=example.dtype), full]
@@ -199,6 +201,7 @@ def compare(
     *,
     params: dict[str, nn.Parameter] | None = None,
     references: dict | None = None,
+    shrink: bool = True,
 ) -> Verdict:
     """Compares `graphs[training]` with `model` in eval and train mode.
 
@@ -208,6 +211,8 @@ def compare(
         example: the example batch; see `verification_inputs` for the batches actually run.
         params: the parameters whose gradients are compared (default: the model's trainable ones).
         references: eager runs from an earlier `compare` on the same model, reused.
+        shrink: try the shrunk example first; False verifies at the example's own size (a graph whose GC-ODE
+            branches take tokens of one count only, which a smaller input would not give them).
 
     Returns:
         The verdict; the model's and the graphs' modes and buffers are as before.
@@ -218,7 +223,7 @@ def compare(
     for training in (False, True):
         mode = "train" if training else "eval"
         ref = x = None
-        for candidate in verification_inputs(example):
+        for candidate in verification_inputs(example, shrink=shrink):
             key = (mode, tuple(candidate.shape))
             try:
                 ref = references.get(key) or run(model, candidate, training=training, params=params)

@@ -4,12 +4,14 @@ import dataclasses
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import TinyConvNeXt, TinyResNet, TinyVGG, WithUntraceable
 from torch import nn
 
 import gcsurgery as gcs
 from gcsurgery import GCSurgeryError, ODEOptions
+from gcsurgery.verify import verification_inputs
 
 
 def _first(y):
@@ -109,7 +111,7 @@ def test_a_branch_leaves_the_layout_of_its_sources_gradient_as_the_network_makes
     torch.manual_seed(seed)
     model = TokenNet()
     gm = gcs.gcify(model, example_inputs=(1, 3, 64, 64))  # verifies every gradient bit-identical, gates at zero
-    assert gm.gc_plan.verified.endswith("; the gcified graph too")
+    assert "; the gcified graph too on a 2x3x64x64 batch (its branches take tokens)" in gm.gc_plan.verified
     order = list(gm.graph.nodes)
     for view in _branch_sources(gm):
         assert view.op == "call_method" and view.target == "view_as"
@@ -368,3 +370,135 @@ def test_timm_model_ema_of_a_gcified_model(x32):
     ema.update(gm)
     assert torch.allclose(ema.module.get_parameter("gc.ode.0.gate"), torch.full_like(gm.gc.ode[0].gate, 0.5))
     assert torch.equal(ema.module(x32), ema.module(x32))  # the EMA copy runs its eval graph
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map, run channels-last (its gradient comes out channels-last)."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class _DownBlock(nn.Module):
+    """A CoAtNet-style attention block entry at stride 2: pooled shortcut plus a channels-last norm path."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.shortcut = nn.Conv2d(cin, cout, 1)
+        self.norm = _LayerNorm2d(cin)
+        self.proj = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return self.shortcut(F.avg_pool2d(x, 2)) + self.proj(F.avg_pool2d(self.norm(x), 2))
+
+
+class _ChannelsLastGradNet(nn.Module):
+    """A state (conv's output, contiguous) whose gradient from the network is channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+        self.conv = nn.Conv2d(16, 32, 3, 2, 1)
+        self.block1 = _DownBlock(32, 64)
+        self.block2 = _DownBlock(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.conv(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_branch_keeps_the_layout_and_so_the_bits_of_its_sources_gradient():
+    # The branch runs after dst, so its gradient for src used to arrive first and the network's was added to it:
+    # a contiguous sum where the eager gradient is channels-last, and bias gradients summed in another order.
+    torch.manual_seed(0)
+    model = _ChannelsLastGradNet()
+    gm = gcs.gcify(model, example_inputs=(1, 3, 64, 64))  # verified: raised on block1.shortcut.bias before
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    grads, strides = [], []
+    for net in (model, gm):
+        seen = []
+        hook = net.get_submodule("conv").register_full_backward_hook(lambda m, gi, go, seen=seen: seen.append(go[0]))
+        net.zero_grad()
+        net(x).square().sum().backward()
+        hook.remove()
+        strides.append(seen[0].stride())
+        grads.append({n: p.grad for n, p in net.named_parameters() if not n.startswith("gc.")})
+    assert strides[0] == strides[1] and seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(g, grads[1][n]) for n, g in grads[0].items())
+    assert all(p.grad is not None for n, p in gm.named_parameters() if n.startswith("gc."))
+    plain = gcs.strip(gm, keep_ode=False)
+    assert not [n for n in plain.graph.nodes if n.op == "call_method" and n.target == "view_as"]
+
+
+def test_a_view_made_first_passes_the_branch_gradient_on_after_the_networks():
+    w = torch.randn(2, 6, 6, 8)
+
+    def network(t):  # channels-last gradient
+        return (t.permute(0, 2, 3, 1) * w).sum()
+
+    def branch(t):  # contiguous gradient, made after the network's ops: its backward runs first
+        return (t * torch.arange(8.0)[:, None, None]).square().sum()
+
+    def grad(build):
+        src = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0)).requires_grad_() * 1.0
+        return torch.autograd.grad(build(src), src)[0]
+
+    plain = grad(lambda s: network(s) + branch(s))
+    alone = grad(network)
+
+    def aliased(s):
+        alias = s.view_as(s)  # made right after src, as gcify places the branch's source view
+        return network(s) + branch(alias)
+
+    deferred = grad(aliased)
+    assert plain.is_contiguous() and not alone.is_contiguous() and deferred.stride() == alone.stride()
+    assert torch.equal(plain, deferred)  # the same sum, in the network gradient's layout
+    assert torch.equal(grad(lambda s: branch(s.view_as(s))), grad(branch))
+
+
+class _TokenStage(nn.Module):
+    """Pools a (B, H*W, C) token grid 2x and mixes its channels, like MViT's pooled stages."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm = nn.LayerNorm(cin)
+        self.fc = nn.Linear(cin, cout)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        side = int(n**0.5)
+        x = F.avg_pool2d(x.transpose(1, 2).reshape(b, c, side, side), 2).flatten(2).transpose(1, 2)
+        return self.fc(self.norm(x))
+
+
+class _TokenNet(nn.Module):
+    """A token (NLC) model that runs at any input size, so the shrunk verification batch runs in eager mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.stage1 = _TokenStage(16, 32)
+        self.stage2 = _TokenStage(32, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.stage2(self.stage1(x)).mean(1))
+
+
+def test_token_branches_are_verified_at_the_plans_size():
+    # The plan's own check runs on the shrunk 16x16 batch (4x4 tokens); the branches take the plan's 16x16 tokens
+    # only, so the gcified graph used to raise there, and gcify refused the model.
+    torch.manual_seed(0)
+    model = _TokenNet()
+    plan = gcs.plan(model, example_inputs=(1, 3, 64, 64))
+    assert any(s.layout == "NLC" for pair in plan.ode_pairs for s in (plan.states[pair[0]], plan.states[pair[1]]))
+    assert "on a 2x3x16x16 batch" in plan.verified
+    gm = gcs.gcify(model, plan)
+    assert gm.gc_plan.verified.endswith("the gcified graph too on a 2x3x64x64 batch (its branches take tokens)")
+    assert gcs.gcify(model, gm.gc_plan).gc_plan.verified == gm.gc_plan.verified  # said once, also when re-gcified
+    assert_exact(model, gm, torch.randn(2, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    assert [tuple(b.shape) for b in verification_inputs(x)] == [(2, 3, 16, 16), (2, 3, 64, 64)]
+    assert [tuple(b.shape) for b in verification_inputs(x, shrink=False)] == [(2, 3, 64, 64)]
