@@ -96,8 +96,11 @@ def regime_config(name: str, *, quick: bool = False, device: str = "cpu") -> dic
     return cfg
 
 
-def _unit(regime: str, seed: int, arms: list[str], out: str, quick: bool, device: str) -> tuple[str, int, float]:
-    """Trains the unfinished runs of one (regime, seed), one thread; returns (regime, seed, seconds)."""
+def _unit(
+    regime: str, seed: int, arms: list[str], out: str, quick: bool, device: str, call: str
+) -> tuple[str, int, float]:
+    """Trains the unfinished runs of one (regime, seed), one thread, and marks them with ``call`` (the command's
+    start); returns (regime, seed, seconds)."""
     torch.set_num_threads(1)
     start = time.perf_counter()
     cfg = regime_config(regime, quick=quick, device=device)
@@ -105,7 +108,11 @@ def _unit(regime: str, seed: int, arms: list[str], out: str, quick: bool, device
     data = build_data(tta.run_config(cfg, "baseline", seed), device=dev if dev.type == "cuda" else None)
     runs_dir = Path(out) / "runs" / regime
     runs_dir.mkdir(parents=True, exist_ok=True)
+    done = {arm for arm in arms if tta.run_file(runs_dir, arm, seed, ".json").exists()}
     tta.run_seed(seed, arms=arms, cfg=cfg, data=data, runs_dir=runs_dir, device=dev)
+    for arm in set(arms) - done:  # the runs this call trained in turns: their times compare with each other
+        path = tta.run_file(runs_dir, arm, seed, ".json")
+        save_atomic({**json.loads(path.read_text()), "call": call}, path)
     return regime, seed, time.perf_counter() - start
 
 
@@ -143,11 +150,14 @@ def cell(results: dict, arm: str) -> dict | None:
     base = [results[("baseline", s)] for s in seeds]
     epochs, seconds, cpu, step = [], [], [], []
     for run, b in zip(runs, base, strict=True):
+        same_call = run.get("call") is not None and run.get("call") == b.get("call")
         target = b["final_val_acc"]  # each seed's own baseline final
         hist, bh = run["history"], b["history"]
         e_arm = crossing([r["val_acc"] for r in hist], [r["train_time"] for r in hist], target)
         e_base = crossing([r["val_acc"] for r in bh], [r["train_time"] for r in bh], target)
         epochs.append(e_arm[0] / e_base[0] if e_arm[0] is not None and e_base[0] else None)
+        if not same_call:  # trained in another command than its baseline, under other load: times do not compare
+            continue
         seconds.append(e_arm[1] / e_base[1] if e_arm[1] is not None and e_base[1] else None)
         c_arm = crossing([r["val_acc"] for r in hist], [r.get("cpu_time", 0.0) for r in hist], target)[1]
         c_base = crossing([r["val_acc"] for r in bh], [r.get("cpu_time", 0.0) for r in bh], target)[1]
@@ -161,7 +171,7 @@ def cell(results: dict, arm: str) -> dict | None:
         "epochs_ratio": _ratio_stats(epochs),
         "wall_ratio": _ratio_stats(seconds),
         "cpu_ratio": _ratio_stats(cpu),
-        "step_time_ratio": float(np.median(step)),
+        "step_time_ratio": float(np.median(step)) if step else None,
         "run_seconds": float(np.median([r["train_time"] for r in runs])),
         "curve": np.mean([[r["val_acc"] for r in run["history"]] for run in runs], 0).tolist(),
     }
@@ -174,6 +184,8 @@ def _interval(d: dict, scale: float = 100) -> str:
 
 
 def _ratio_text(d: dict) -> str:
+    if not d["n"]:
+        return "— (not trained with its baseline)"
     if not d["reached"]:
         return f"not reached (0/{d['n']})"
     if d.get("low") is None:
@@ -232,7 +244,7 @@ def markdown(report: dict, *, header: str, command: str) -> str:
                     _ratio_text(c["epochs_ratio"]),
                     _ratio_text(c["wall_ratio"]),
                     _ratio_text(c["cpu_ratio"]),
-                    f"{c['step_time_ratio']:.2f}",
+                    "—" if c["step_time_ratio"] is None else f"{c['step_time_ratio']:.2f}",
                 ]
             )
         lines += [*markdown_table(head, rows), ""]
@@ -304,8 +316,9 @@ def write_report(out: Path, *, quick: bool, command: str) -> dict:
         f"{base['val_size']} validation and {base['test_size']} test images. Each arm is paired by seed with the "
         "baseline of its regime; Δ in accuracy points with a 95% Student-t interval over the seeds; ratios are the "
         "arm's over the baseline's, per seed, to each seed's own baseline final validation accuracy (in brackets the "
-        "seeds that reach it). Runs train one thread each, two at a time on 2 cores; wall-time ratios pair the arms "
-        "of a seed, which train in turns in one process, and CPU-time ratios (the process's own CPU time) are the "
+        "seeds that reach it). Runs train one thread each, two at a time on 2 cores; time ratios pair the arms "
+        "of a seed that trained in turns in one process (one command; an arm added later shows none), and "
+        "CPU-time ratios (the process's own CPU time) are the "
         "ones other jobs on the machine disturb least."
     )
     report = {"description": header, "base": base, "regime_settings": REGIMES, "torch": torch.__version__,
@@ -362,7 +375,8 @@ def main(argv=None) -> dict:
         print(f"{len(units)} (regime, seed) units, arms {args.arms}, {args.jobs} at a time", flush=True)
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_unit, r, s, args.arms, str(out), args.quick, args.device) for r, s in units]
+            call = time.strftime("%Y-%m-%dT%H:%M:%S")
+            futures = [pool.submit(_unit, r, s, args.arms, str(out), args.quick, args.device, call) for r, s in units]
             for f in as_completed(futures):
                 regime, seed, secs = f.result()
                 print(f"done: {regime} seed {seed} in {secs:.0f} s", flush=True)

@@ -100,8 +100,15 @@ def test_regimes_quick_runs_seeds_in_parallel_and_resumes(tmp_path):
     assert "## resnet20" in md and "| gcw | 2 |" in md and "## Missing cells" in md
     for png in ("map.png", "curves-resnet20.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    calls = {json.loads(p.read_text())["call"] for p in (tmp_path / "runs" / "resnet20").iterdir()}
+    assert len(calls) == 1  # one command trained them all, in turns: their times compare
     again = run("regimes.py", *argv)
     assert not any(line.startswith("seed ") for line in again.stdout.splitlines())  # every run was there
     assert json.loads((tmp_path / "results.json").read_text())["regimes"] == res["regimes"]
+    later = ["--quick", "--out", str(tmp_path), "--regimes", "resnet20", "--arms", "gradcent", "--seeds", "0"]
+    run("regimes.py", *later)  # an arm added by a later command: accuracy pairs, time does not
+    added = json.loads((tmp_path / "results.json").read_text())["regimes"]["resnet20"]["arms"]["gradcent"]
+    assert added["seeds"] == [0] and added["step_time_ratio"] is None and added["wall_ratio"]["n"] == 0
+    assert added["epochs_ratio"]["n"] == 1
     refused = run("regimes.py", "--quick", "--arms", "gcgd:ode.gate=1", "--out", str(tmp_path), check=False)
     assert refused.returncode == 1 and "cannot read 'ode.gate=1'" in refused.stderr
