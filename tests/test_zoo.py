@@ -38,7 +38,8 @@ def test_every_zoo_model_has_a_pinned_status():
     expected = {f"timm:{n}" for n in _timm_specs()} | {f"torchvision:{n}" for n in torchvision_models()}
     assert not expected - set(PINNED), f"no row in docs/coverage.md: {sorted(expected - set(PINNED))[:5]}"
     assert set(PINNED.values()) <= {"ok", "no hierarchy", "refused"}
-    assert sum(s == "ok" for m, s in PINNED.items() if m.startswith("timm:")) == 82
+    # 81: Hiera's later stages run on unrolled tokens (not in raster order), which are not read as feature maps
+    assert sum(s == "ok" for m, s in PINNED.items() if m.startswith("timm:")) == 81
 
 
 @pytest.mark.slow
