@@ -16,7 +16,9 @@ on a few fixed random batches.
 Time: after ``--warmup`` steps per arm, ``--rounds`` rounds visit the arms in turn (the order rotates
 each round), ``--steps`` timed steps each. An arm's step time is the median (p10-p90) of all its
 steps; its time ratio is the median (p10-p90) over rounds of (its median step / the baseline's median
-step in the same round), so load drift cancels out in each ratio.
+step in the same round), so load drift cancels out in each ratio. ``--cpu-time`` (with ``--threads 1``,
+CPU only) times each step by the main thread's CPU time instead of the wall clock: what a step costs when
+other work or a virtual machine's neighbours take the core away for part of it.
 
 Memory: each arm also runs alone in a fresh process (after a throwaway step that loads every module
 and kernel a step needs), for
@@ -243,7 +245,9 @@ def measure_memory(case: Case, arm: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def time_arms(arms: dict, data, *, device, rounds: int, steps: int, warmup: int) -> dict[str, list[list[float]]]:
+def time_arms(
+    arms: dict, data, *, device, rounds: int, steps: int, warmup: int, clock=time.perf_counter
+) -> dict[str, list[list[float]]]:
     """Seconds per step, ``times[arm][round][step]``, the arms visited in a rotating order each round."""
     names = list(arms)
     for name in names:
@@ -256,10 +260,10 @@ def time_arms(arms: dict, data, *, device, rounds: int, steps: int, warmup: int)
             for i in range(steps):
                 x, y = data[(r * steps + i) % len(data)]
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 train_step(*arms[name], x, y)
                 sync(device)
-                ts.append(time.perf_counter() - t0)
+                ts.append(clock() - t0)
             times[name].append(ts)
     return times
 
@@ -286,7 +290,10 @@ def run_case(case: Case, args, device: torch.device) -> dict:
             saved[arm] = saved_bytes(model, *data[0])
         arms[arm] = (model, opt)
     print(f"timing {args.rounds} rounds x {args.steps} steps", flush=True)
-    times = time_arms(arms, data, device=device, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    times = time_arms(
+        arms, data, device=device, rounds=args.rounds, steps=args.steps, warmup=args.warmup, clock=clock
+    )
     base_round = [np.median(ts) for ts in times["baseline"]]
     out = {}
     for arm in args.arms:
@@ -351,6 +358,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--memory-steps", type=int, default=3, help="steps measured in each memory process")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for every arm")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
+    ap.add_argument(
+        "--cpu-time", action="store_true", help="time steps by the main thread's CPU time (needs --threads 1, CPU)"
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -360,6 +370,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise GCSurgeryError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise GCSurgeryError(f"--warmup must be at least 0, got {args.warmup}")
+    if args.cpu_time and (args.threads != 1 or not args.device.startswith("cpu")):
+        raise GCSurgeryError(
+            f"--cpu-time times one CPU thread: it needs --threads 1 on the CPU, got --threads {args.threads} "
+            f"--device {args.device}; drop --cpu-time to time by the wall clock"
+        )
     return args
 
 
@@ -376,7 +391,8 @@ def main(argv=None) -> dict | None:
     load_end = os.getloadavg()
     print(f"\n{format_table(results)}")
     print(
-        f"\ndevice {device}, {args.threads} thread(s), torch {torch.__version__}, gcsurgery {gcsurgery.__version__}; "
+        f"\n{'main-thread CPU time' if args.cpu_time else 'wall time'}; "
+        f"device {device}, {args.threads} thread(s), torch {torch.__version__}, gcsurgery {gcsurgery.__version__}; "
         f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end"
     )
     out = {
@@ -385,6 +401,7 @@ def main(argv=None) -> dict | None:
         "rounds": args.rounds,
         "steps": args.steps,
         "warmup": args.warmup,
+        "clock": "thread_time" if args.cpu_time else "perf_counter",
         "memory": args.memory,
         "optimizer": {"name": "sgd", **SGD},
         "torch": torch.__version__,

@@ -29,9 +29,10 @@ def load(script: str):
 def test_overhead_smallest_run_writes_time_and_memory_ratios(tmp_path):
     out = tmp_path / "overhead.json"
     argv = ["--models", "cifar_resnet20", "--arms", "gcgd", "--batch", "2", "--rounds", "2", "--steps", "1"]
-    run("overhead.py", *argv, "--warmup", "1", "--threads", "1", "--json", str(out))
+    run("overhead.py", *argv, "--warmup", "1", "--threads", "1", "--cpu-time", "--json", str(out))
     res = json.loads(out.read_text())
     assert res["threads"] == 1 and res["device"] == "cpu" and res["rounds"] == 2 and res["memory"] == "all"
+    assert res["clock"] == "thread_time"
     (case,) = res["cases"]
     assert case["model"] == "cifar_resnet20" and case["batch"] == 2 and case["input"] == [3, 32, 32]
     assert list(case["arms"]) == ["baseline", "gcgd"]  # the baseline is always measured
@@ -45,6 +46,11 @@ def test_overhead_smallest_run_writes_time_and_memory_ratios(tmp_path):
     assert isinstance(gcgd["rss_mb"], float) and "rss_ratio" in gcgd  # RSS may not grow at all on a tiny batch
     assert gcgd["peak_ratio"] > 1 and gcgd["saved_ratio"] > 1  # the GC-ODE branches and GC-W state take memory
     assert len(gcgd["sites"]) == 3 and base["sites"] == []
+
+
+def test_overhead_cpu_time_needs_one_cpu_thread():
+    done = run("overhead.py", "--cpu-time", "--threads", "2", check=False)
+    assert done.returncode != 0 and "--cpu-time times one CPU thread" in done.stderr and "--threads 2" in done.stderr
 
 
 def test_time_to_accuracy_quick_writes_results_table_and_plot(tmp_path):
