@@ -45,7 +45,7 @@ from . import layouts
 from .errors import GCSurgeryError
 from .layouts import LAYOUTS
 
-__all__ = ["ODEOptions", "GCODE", "LAYOUTS", "neutral"]
+__all__ = ["ODEOptions", "GCODE", "LAYOUTS", "MAX_WIDTH", "default_width", "neutral"]
 
 REDUCES = ("stride", "pool")
 RECOMPUTES = ("ode", "branch", "none")
@@ -76,7 +76,8 @@ class ODEOptions:
     """How every GC-ODE branch is built; validated on construction.
 
     Attributes:
-        width: r, the channels the ODE runs on; None gives `max(8, out_chs // 4)`.
+        width: r, the channels the ODE runs on; None gives `default_width(out_chs)`:
+            `min(MAX_WIDTH, max(8, out_chs // 4))`, a quarter of the destination's channels, 8 to 64.
         solver: fixed-step "euler", "midpoint", "rk4", adaptive "dopri5" (torchdiffeq), or "none": no ODE
             (z1 = z0, no φ), which makes the branch a linear shortcut E(R(h_src)).
         step_size: fixed-step solvers take `ceil(1 / step_size)` steps over t ∈ [0, 1] (the last one
@@ -199,6 +200,14 @@ def neutral(branches):
             for b, g, w in zip(branches, opened, was, strict=True):
                 b.gate.copy_(g)
                 b._neutral = w
+
+
+MAX_WIDTH = 64  # cap of the default ODE width: R and E cost r·(Ca + Cb) per position (docs/gcode.md)
+
+
+def default_width(out_chs: int) -> int:
+    """The ODE width r of a branch into ``out_chs`` channels when `ODEOptions.width` is None."""
+    return min(MAX_WIDTH, max(8, out_chs // 4))
 
 
 def _group_norm(chs: int) -> nn.GroupNorm:
@@ -342,7 +351,7 @@ class GCODE(nn.Module):
             raise GCSurgeryError(f"GCODE options must be an ODEOptions, got {type(options).__name__}.")
         self.in_chs, self.out_chs, self.in_size, self.out_size = in_chs, out_chs, tuple(in_size), tuple(out_size)
         self.in_layout, self.out_layout, self.options = in_layout, out_layout, options
-        self.width = r = options.width or max(8, out_chs // 4)
+        self.width = r = options.width or default_width(out_chs)
         self._fixed = options.solver in (*STAGES, "none") and not options.adjoint
         self._neutral = False
         self._grid = options.grid

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GCSurgeryError
-from .gcode import ACTS, STAGES, ODEOptions, fixed_grid_solve
+from .gcode import ACTS, STAGES, ODEOptions, default_width, fixed_grid_solve
 
 __all__ = ["GCODEND"]
 
@@ -68,7 +68,7 @@ class GCODEND(nn.Module):
             )
         self.in_chs, self.out_chs, (self.in_size, self.out_size) = in_chs, out_chs, sizes
         self.dims, self.options = len(sizes[0]), options
-        self.width = r = options.width or max(8, out_chs // 4)
+        self.width = r = options.width or default_width(out_chs)
         conv, self.conv_fn = CONVS[self.dims]
         with torch.random.fork_rng(devices=[], enabled=options.seed is not None):
             if options.seed is not None:

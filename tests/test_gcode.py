@@ -240,6 +240,9 @@ def test_branch_inputs_of_the_wrong_shape_are_refused(layout, src, dst, match):
 
 def test_defaults_and_ode_stride():
     assert GCODE(16, 64, (8, 8), (4, 4)).width == 16 and GCODE(16, 16, (8, 8), (8, 8)).width == 8
+    # ImageNet-wide stages keep r at 64 (resnet50's 2048 channels would give 512); an explicit width is kept
+    assert GCODE(8, 256, (8, 8), (4, 4)).width == 64 and GCODE(8, 2048, (8, 8), (4, 4)).width == 64
+    assert GCODE(8, 2048, (8, 8), (4, 4), options=ODEOptions(width=512)).width == 512
     assert GCODE(8, 8, (16, 16), (16, 16)).ode_stride == 2 and GCODE(8, 8, (32, 32), (16, 16)).ode_stride == 1
     assert GCODE(8, 8, (8, 8), (8, 8)).ode_stride == 1
     branch = open_gate(GCODE(4, 4, (7, 7), (7, 7), options=ODEOptions(ode_stride=3)))
