@@ -16,7 +16,8 @@ on a few fixed random batches.
 Time: after ``--warmup`` steps per arm, ``--rounds`` rounds visit the arms in turn (the order rotates
 each round), ``--steps`` timed steps each. An arm's step time is the median (p10-p90) of all its
 steps; its time ratio is the median (p10-p90) over rounds of (its median step / the baseline's median
-step in the same round), so load drift cancels out in each ratio. ``--cpu-time`` (with ``--threads 1``,
+step in the same round), so load drift cancels out in each ratio; "95% CI" is the geometric mean of those
+per-round ratios with its Student-t interval (over log ratios), what the rounds can tell. ``--cpu-time`` (with ``--threads 1``,
 CPU only) times each step by the main thread's CPU time instead of the wall clock: what a step costs when
 other work or a virtual machine's neighbours take the core away for part of it.
 
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: with more runnable threads than cores (shared machines)
 # spinning threads make 2-thread steps several times slower. Read when torch loads, hence set first.
@@ -273,6 +275,26 @@ def _spread(values, scale: float = 1.0) -> dict[str, float]:
     return {"median": float(np.median(v)), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
 
 
+def ratio_interval(ratios) -> dict[str, float | None]:
+    """Geometric mean of per-round ratios and its 95% Student-t interval (computed on the log ratios)."""
+    logs = np.log(np.asarray(ratios, dtype=float))
+    mean = float(np.exp(logs.mean()))
+    if len(logs) < 2:
+        return {"mean": mean, "low": None, "high": None}
+    from scipy import stats  # the bench extra
+
+    half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+    return {"mean": mean, "low": float(np.exp(logs.mean() - half)), "high": float(np.exp(logs.mean() + half))}
+
+
+def add_intervals(results: list[dict]) -> None:
+    """Fills each arm's ``time_interval`` from its per-round step times (also for a JSON saved without it)."""
+    for res in results:
+        base = [np.median(ts) for ts in res["arms"]["baseline"]["step_s"]]
+        for r in res["arms"].values():
+            r["time_interval"] = ratio_interval([np.median(ts) / b for ts, b in zip(r["step_s"], base, strict=True)])
+
+
 def run_case(case: Case, args, device: torch.device) -> dict:
     batch = args.batch or case.batch
     case_args = {**dataclasses.asdict(case), "batch": batch}
@@ -321,21 +343,22 @@ def run_case(case: Case, args, device: torch.device) -> dict:
 def format_table(results: list[dict]) -> str:
     """One line per (model, arm): step time, its ratio to the baseline, and the memory measures with their ratios."""
     head = (
-        f"{'model':24} {'arm':8} {'step ms':>7} {'p10-p90':>11} {'time ratio':>10} {'p10-p90':>11} "
+        f"{'model':24} {'arm':8} {'step ms':>7} {'p10-p90':>11} {'time ratio':>10} {'p10-p90':>11} {'95% CI':>17} "
         f"{'peak MB':>8} {'ratio':>6} {'RSS MB':>7} {'ratio':>6} {'saved MB':>8} {'ratio':>6}"
     )
     lines = [head, "-" * len(head)]
     for res in results:
         label = f"{res['model'].split(':')[-1]} b{res['batch']} {res['input'][1]}px"
         for arm, r in res["arms"].items():
-            s, q = r["step_ms"], r["time_ratio"]
+            s, q, ci = r["step_ms"], r["time_ratio"], r.get("time_interval") or {}
+            ci_text = f"{ci['mean']:.3f} {ci['low']:.2f}-{ci['high']:.2f}" if ci.get("low") is not None else "-"
             mem = []
             for k, w, d in (("peak", 8, 0), ("rss", 7, 0), ("saved", 8, 1)):
                 ratio = "-" if r.get(f"{k}_ratio") is None else f"{r[f'{k}_ratio']:.3f}"
                 mem.append(f"{r[f'{k}_mb']:{w}.{d}f} {ratio:>6}" if f"{k}_mb" in r else f"{'-':>{w}} {'-':>6}")
             lines.append(
                 f"{label:24} {arm:8} {s['median']:7.0f} {s['p10']:5.0f}-{s['p90']:<5.0f} {q['median']:10.3f} "
-                f"{q['p10']:5.3f}-{q['p90']:<5.3f} {' '.join(mem)}"
+                f"{q['p10']:5.3f}-{q['p90']:<5.3f} {ci_text:>17} {' '.join(mem)}"
             )
             label = ""
     return "\n".join(lines)
@@ -362,6 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cpu-time", action="store_true", help="time steps by the main thread's CPU time (needs --threads 1, CPU)"
     )
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--report", default=None, metavar="JSON", help="measure nothing; print the table of a saved run")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.arms = ["baseline", *[a for a in args.arms if a != "baseline"]]
@@ -386,8 +410,17 @@ def main(argv=None) -> dict | None:
         case = CASES[args.models[0]]
         print(json.dumps(child_memory(case, args.child, device=device, batch=args.batch, steps=args.memory_steps)))
         return None
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        add_intervals(saved["cases"])
+        print(format_table(saved["cases"]))
+        clock = "main-thread CPU time" if saved.get("clock") == "thread_time" else "wall time"
+        print(f"\n{clock}; device {saved['device']}, {saved['threads']} thread(s); load average "
+              f"{saved['load_average']['start'][0]:.2f} at start, {saved['load_average']['end'][0]:.2f} at end")
+        return saved
     load_start = os.getloadavg()
     results = [run_case(CASES[m], args, device) for m in args.models]
+    add_intervals(results)
     load_end = os.getloadavg()
     print(f"\n{format_table(results)}")
     print(

@@ -42,10 +42,14 @@ def test_overhead_smallest_run_writes_time_and_memory_ratios(tmp_path):
     assert len(gcgd["step_s"]) == 2 and all(len(r) == 1 for r in gcgd["step_s"])
     assert gcgd["step_ms"]["p10"] <= gcgd["step_ms"]["median"] <= gcgd["step_ms"]["p90"]
     assert gcgd["time_ratio"]["median"] > 0
+    ci = gcgd["time_interval"]  # geometric mean over the 2 rounds, with its t interval
+    assert ci["low"] <= ci["mean"] <= ci["high"] and base["time_interval"]["mean"] == 1.0
     assert gcgd["memory"]["peak_kind"] == "cpu_allocator_profiler" and gcgd["memory"]["rss_peak_reset"]
     assert isinstance(gcgd["rss_mb"], float) and "rss_ratio" in gcgd  # RSS may not grow at all on a tiny batch
     assert gcgd["peak_ratio"] > 1 and gcgd["saved_ratio"] > 1  # the GC-ODE branches and GC-W state take memory
     assert len(gcgd["sites"]) == 3 and base["sites"] == []
+    printed = run("overhead.py", "--report", str(out)).stdout  # the saved run's table again, measuring nothing
+    assert "main-thread CPU time" in printed and f"{ci['mean']:.3f}" in printed
 
 
 def test_overhead_cpu_time_needs_one_cpu_thread():
