@@ -17,9 +17,9 @@ Time: after ``--warmup`` steps per arm, ``--rounds`` rounds visit the arms in tu
 each round), ``--steps`` timed steps each. An arm's step time is the median (p10-p90) of all its
 steps; its time ratio is the median (p10-p90) over rounds of (its median step / the baseline's median
 step in the same round), so load drift cancels out in each ratio; "95% CI" is the geometric mean of those
-per-round ratios with its Student-t interval (over log ratios), what the rounds can tell. ``--cpu-time`` (with ``--threads 1``,
-CPU only) times each step by the main thread's CPU time instead of the wall clock: what a step costs when
-other work or a virtual machine's neighbours take the core away for part of it.
+per-round ratios with its Student-t interval (over log ratios), what the rounds can tell. ``--cpu-time``
+(with ``--threads 1``, CPU only) times each step by the main thread's CPU time instead of the wall clock:
+what a step costs when other work or a virtual machine's neighbours take the core away for part of it.
 
 Memory: each arm also runs alone in a fresh process (after a throwaway step that loads every module
 and kernel a step needs), for
@@ -313,9 +313,7 @@ def run_case(case: Case, args, device: torch.device) -> dict:
         arms[arm] = (model, opt)
     print(f"timing {args.rounds} rounds x {args.steps} steps", flush=True)
     clock = time.thread_time if args.cpu_time else time.perf_counter
-    times = time_arms(
-        arms, data, device=device, rounds=args.rounds, steps=args.steps, warmup=args.warmup, clock=clock
-    )
+    times = time_arms(arms, data, device=device, rounds=args.rounds, steps=args.steps, warmup=args.warmup, clock=clock)
     base_round = [np.median(ts) for ts in times["baseline"]]
     out = {}
     for arm in args.arms:
@@ -415,8 +413,10 @@ def main(argv=None) -> dict | None:
         add_intervals(saved["cases"])
         print(format_table(saved["cases"]))
         clock = "main-thread CPU time" if saved.get("clock") == "thread_time" else "wall time"
-        print(f"\n{clock}; device {saved['device']}, {saved['threads']} thread(s); load average "
-              f"{saved['load_average']['start'][0]:.2f} at start, {saved['load_average']['end'][0]:.2f} at end")
+        print(
+            f"\n{clock}; device {saved['device']}, {saved['threads']} thread(s); load average "
+            f"{saved['load_average']['start'][0]:.2f} at start, {saved['load_average']['end'][0]:.2f} at end"
+        )
         return saved
     load_start = os.getloadavg()
     results = [run_case(CASES[m], args, device) for m in args.models]
