@@ -57,6 +57,26 @@ def test_overhead_cpu_time_needs_one_cpu_thread():
     assert done.returncode != 0 and "--cpu-time times one CPU thread" in done.stderr and "--threads 2" in done.stderr
 
 
+def test_branch_widths_times_each_branch_at_both_widths(tmp_path):
+    out = tmp_path / "widths.json"
+    run(
+        "branch_widths.py",
+        "--models",
+        "cifar_resnet20",
+        "--size",
+        "32",
+        "--batch",
+        "2",
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+    )
+    rows = json.loads(out.read_text())["models"]["cifar_resnet20"]
+    assert [r["width"] for r in rows] == [8, 8, 16] == [r["uncapped_width"] for r in rows]  # Cb <= 64: no cap
+    assert all(r["default_ms"] > 0 and r["uncapped_ms"] > 0 and r["floor_ms"] >= 0 for r in rows)
+
+
 def test_time_to_accuracy_quick_writes_results_table_and_plot(tmp_path):
     done = run("time_to_accuracy.py", "--quick", "--out", str(tmp_path))
     assert "results.md" in done.stdout
