@@ -9,7 +9,7 @@ from test_optim import tiny_cnn
 
 from gcsurgery.errors import GCSurgeryError
 from gcsurgery.gcw import GCWOptions
-from gcsurgery.harness.arms import build_optimizer
+from gcsurgery.harness.arms import build_optimizer, parse_arm
 from gcsurgery.harness.loop import train_one_epoch
 from gcsurgery.optim import GCOptimizer, needs_closure
 
@@ -115,3 +115,25 @@ def test_gradcent_steps_on_centralised_gradients():
             torch.testing.assert_close(step, raw[n])
     with pytest.raises(GCSurgeryError, match="unknown peer 'swa'"):
         build_optimizer(model, peer="swa", lr=0.1)
+
+
+@pytest.mark.parametrize("peer", ["gradcent", "lookahead"])
+def test_a_variant_stacks_gcw_on_a_peer_and_its_first_step_is_the_peers(peer):
+    """``gcw:peer=P``: GCOptimizer inside the peer's wrapping; GC-W's first step is the base's, so it equals P's."""
+    spec = parse_arm(f"gcw:peer={peer}")
+    assert (spec.arm, spec.peer, spec.optimizer_peer, parse_arm(peer).optimizer_peer) == ("gcw", peer, peer, peer)
+    model = tiny_cnn()
+    twin = copy.deepcopy(model)
+    sites = tuple(n for n, p in model.named_parameters() if p.dim() == 4)
+    stacked = build_optimizer(model, sites=sites, peer=spec.optimizer_peer, lr=0.1, momentum=0.9)
+    alone = build_optimizer(twin, peer=peer, lr=0.1, momentum=0.9)
+    inner = stacked if peer == "gradcent" else stacked._base_optimizer  # timm's Lookahead wraps the optimizer
+    assert isinstance(inner, GCOptimizer) and not isinstance(alone, GCOptimizer)
+    x, y = batches(1)[0]
+    for m, opt in ((model, stacked), (twin, alone)):
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(GCSurgeryError, match=r"cannot read 'peer=sam'.*peer \(lookahead\|gradcent\)"):
+        parse_arm("gcgd:peer=sam")

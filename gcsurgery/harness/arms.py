@@ -19,8 +19,10 @@ The peers (lookahead, sam, gradcent) are what a user might pick instead of gradi
 gradcent need ``pip install pytorch-optimizer`` (the ``bench`` extra).
 
 A *variant* of gcw, gcode or gcgd changes their options: ``ARM:KEY=VALUE,...`` with keys ``ode.<field>``
-(an `ODEOptions` field), ``gcw.<field>`` (a `GCWOptions` field) and ``sites=plan|convs`` (GC-W on the
-plan's sites, or on every convolution's weight), e.g. ``gcgd:ode.gate_init=0.1,gcw.horizons=(5,50)``.
+(an `ODEOptions` field), ``gcw.<field>`` (a `GCWOptions` field), ``sites=plan|convs`` (GC-W on the
+plan's sites, or on every convolution's weight) and ``peer=lookahead|gradcent`` (the arm's optimizer wrapped
+as that peer's is, so that gradient correction can be tried on top of a peer), e.g.
+``gcgd:ode.gate_init=0.1,gcw.horizons=(5,50)`` or ``gcw:peer=gradcent`` (GC-W on centralised gradients).
 ``gcode:ode.mode=gradient`` trains the exact original network with the branches' gradients injected, and
 ``gcode:ode.solver=none`` replaces the ODE by a linear shortcut (`ODEOptions`).
 
@@ -64,6 +66,7 @@ PEERS = ("lookahead", "sam", "gradcent")  # what a user might pick instead
 ALL_ARMS = (*ARMS, *PEERS)
 VARIED = ("gcw", "gcode", "gcgd")  # the arms that take option overrides
 SITES = ("plan", "convs")
+STACKED_PEERS = ("lookahead", "gradcent")  # the peers a variant can add (SAM's two passes do not take GC-W)
 LOOKAHEAD = {"k": 5, "alpha": 0.5}
 SAM_RHO = 0.05
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}  # the rest: timm's create_optimizer_v2 names
@@ -78,6 +81,12 @@ class ArmSpec:
     ode: ODEOptions = ODEOptions()  # noqa: RUF009 (frozen, hence safe)
     gcw: GCWOptions = GCWOptions()  # noqa: RUF009
     sites: str = "plan"
+    peer: str | None = None  # a peer of STACKED_PEERS wrapping the arm's optimizer
+
+    @property
+    def optimizer_peer(self) -> str | None:
+        """The peer `build_optimizer` wraps the arm's optimizer as: the arm itself, or a variant's ``peer=``."""
+        return self.arm if self.arm in PEERS else self.peer
 
     @property
     def filename(self) -> str:
@@ -122,23 +131,26 @@ def parse_arm(spec: str, *, seed: int = 0) -> ArmSpec:
     if rest and arm not in VARIED:
         raise GCSurgeryError(f"{spec!r}: only {list(VARIED)} take options; write {arm!r} alone")
     over = {"ode": {"seed": seed}, "gcw": {"seed": seed}}
-    sites = "plan"
+    sites, peer = "plan", None
     for item in _items(rest):
         key, eq, value = item.partition("=")
         group, dot, field = key.partition(".")
         fields = {f.name for f in dataclasses.fields(ODEOptions if group == "ode" else GCWOptions)} - {"seed"}
         if key == "sites" and eq and value in SITES:
             sites = value
+        elif key == "peer" and eq and value in STACKED_PEERS:
+            peer = value
         elif eq and dot and group in over and field in fields:
             over[group][field] = _literal(value)
         else:
             raise GCSurgeryError(
-                f"{spec!r}: cannot read {item!r}; write KEY=VALUE with KEY sites ({'|'.join(SITES)}), ode.<field> "
-                f"(fields of ODEOptions) or gcw.<field> (fields of GCWOptions), e.g. gcgd:ode.gate_init=0.1"
+                f"{spec!r}: cannot read {item!r}; write KEY=VALUE with KEY sites ({'|'.join(SITES)}), peer "
+                f"({'|'.join(STACKED_PEERS)}), ode.<field> (fields of ODEOptions) or gcw.<field> (fields of "
+                "GCWOptions), e.g. gcgd:ode.gate_init=0.1"
             )
     if sites != "plan" and arm == "gcode":
         raise GCSurgeryError(f"{spec!r}: sites= sets GC-W sites, which the gcode arm has none of; use gcw or gcgd")
-    return ArmSpec(spec, arm, ODEOptions(**over["ode"]), GCWOptions(**over["gcw"]), sites)
+    return ArmSpec(spec, arm, ODEOptions(**over["ode"]), GCWOptions(**over["gcw"]), sites, peer)
 
 
 def arm_spec(cfg) -> ArmSpec:

@@ -25,7 +25,7 @@ from ..diagnostics import GradientRecorder
 from ..errors import GCSurgeryError
 from ..plans import plan as make_plan
 from ..rewrite import is_gcified
-from .arms import PEERS, arm_spec, build_arm, build_optimizer
+from .arms import arm_spec, build_arm, build_optimizer
 from .config import RunConfig, config_diff
 from .datasets import Data
 from .loop import evaluate, gc_summary, make_schedule, seed_epoch, train_one_epoch
@@ -154,7 +154,7 @@ class Run:
             sites=self.sites,
             name=cfg.opt,
             gcw=self.spec.gcw,
-            peer=self.spec.arm if self.spec.arm in PEERS else None,
+            peer=self.spec.optimizer_peer,
             **kwargs,
         )
         self.recorder = None
