@@ -16,7 +16,8 @@ validation and the first 5000 test images — unless the regime says otherwise (
 The core grid is every regime × the four core arms (baseline, gcw, gcode, gcgd). ``extras`` are the arms
 the main regime (resnet20) also runs: the lead GCGD variant of the 5-seed benchmark, the gradient-only
 GC-ODE (forward exactly the original network's), GC-ODE without its ODE (a linear shortcut), and the
-peers Lookahead (timm), SAM and Gradient Centralization (pytorch-optimizer).
+peers Lookahead (timm), SAM and Gradient Centralization (pytorch-optimizer), and GC-W on centralised
+gradients (``gcw:peer=gradcent``).
 
 ``--jobs N`` trains N seeds at once, in separate processes of one thread each. Each (regime, arm, seed)
 run keeps a checkpoint after every epoch and a JSON when done, in ``OUT/runs/<regime>/``; a later call
@@ -83,6 +84,7 @@ EXTRAS = [
     "lookahead",
     "sam",
     "gradcent",
+    "gcw:peer=gradcent",  # GC-W on top of the best peer: does it add to it?
 ]
 QUICK = {"epochs": 2, "train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 32, "limit_batches": 3}
 SEEDS = [0, 1, 2, 3, 4]
