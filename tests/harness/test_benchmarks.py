@@ -142,3 +142,25 @@ def test_regimes_quick_runs_seeds_in_parallel_and_resumes(tmp_path):
     assert added["epochs_ratio"]["n"] == 1
     refused = run("regimes.py", "--quick", "--arms", "gcgd:ode.gate=1", "--out", str(tmp_path), check=False)
     assert refused.returncode == 1 and "cannot read 'ode.gate=1'" in refused.stderr
+
+
+def test_gcw_mechanism_pairs_each_records_cosines_by_epoch(tmp_path):
+    site = "layer1.2.conv2.weight"
+    lines = [{"epoch": 0, "val_acc": 0.1}]
+    for epoch, recs in ((1, [(0.5, 0.2, 0.1), (0.4, 0.3, 0.1)]), (2, [(0.2, 0.3, 0.2), (float("nan"), 0.1, 0.0)])):
+        for i, (dg, g, ratio) in enumerate(recs):
+            lines.append({"diag/step": 10 * epoch + i, f"diag/{site}/cos_dG_next": dg, f"diag/gcw:{site}/cos_next": g,
+                          f"diag/{site}/ratio": ratio})  # fmt: skip
+        lines.append({"epoch": epoch, "val_acc": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    out = tmp_path / "m.json"
+    printed = run("gcw_mechanism.py", str(tmp_path), "--json", str(out)).stdout
+    per = json.loads(out.read_text())["sites"][site]
+    assert per["1"]["records"] == 2 and abs(per["1"]["difference"]["mean"] - 0.2) < 1e-12  # (0.3 + 0.1) / 2
+    assert per["2"]["records"] == 1 and per["2"]["difference"] is None  # the nan record (no correction) is left out
+    assert per["all"]["records"] == 3 and abs(per["all"]["cos_dG_next"] - 1.1 / 3) < 1e-12
+    assert f"| {site} | all | 3 |" in printed
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_acc": 0.5}) + "\n")
+    refused = run("gcw_mechanism.py", str(tmp_path / "plain"), check=False)
+    assert refused.returncode != 0 and "has no GC-W records" in refused.stderr
