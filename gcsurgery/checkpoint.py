@@ -6,6 +6,7 @@ ckpt)` gcifies a plain model of the same architecture with that plan and loads t
 continues bit for bit where it stopped.
 """
 
+import dataclasses
 import warnings
 
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 
 from ._version import __version__
 from .errors import GCSurgeryError
-from .gcode import ODEOptions
+from .gcode import GCODE, ODEOptions
+from .gcode_nd import GCODEND
 from .plans import Plan
 from .rewrite import GCGraphModule, gcify, is_gcified, plan_mismatch
 from .wrappers import is_wrapped, wrapper_attr
@@ -107,7 +109,9 @@ def restore(model: nn.Module, ckpt: dict, *, inplace: bool = False) -> GCGraphMo
             f"checkpoint written by gcsurgery {meta.get('version')}, restoring with {__version__}", stacklevel=2
         )
     gm = gcify(model, plan, ode=ODEOptions.from_dict(meta["ode"]), inplace=inplace)
-    want, got = gm.state_dict(), ckpt["model"]
+    got = ckpt["model"]
+    _match_saved_widths(gm, got)
+    want = gm.state_dict()
     missing, unexpected = [k for k in want if k not in got], [k for k in got if k not in want]
     if missing or unexpected:
         raise GCSurgeryError(
@@ -117,3 +121,20 @@ def restore(model: nn.Module, ckpt: dict, *, inplace: bool = False) -> GCGraphMo
         )
     gm.load_state_dict(got)
     return gm
+
+
+def _match_saved_widths(gm: nn.Module, saved: dict) -> None:
+    """Rebuilds each GC-ODE branch whose ODE width differs from its saved weights' (a checkpoint written before the
+    default width was capped at `gcode.MAX_WIDTH`, when it was r = Cb // 4), so that its weights load as saved."""
+    for name, branch in [(n, m) for n, m in gm.named_modules() if isinstance(m, GCODE | GCODEND)]:
+        w = saved.get(f"{name}.reduce.weight")
+        if not hasattr(w, "shape") or w.shape[0] == branch.width:
+            continue
+        options = dataclasses.replace(branch.options, width=int(w.shape[0]))
+        args = (branch.in_chs, branch.out_chs, branch.in_size, branch.out_size)
+        if isinstance(branch, GCODEND):
+            twin = GCODEND(*args, options=options)
+        else:
+            twin = GCODE(*args, in_layout=branch.in_layout, out_layout=branch.out_layout, options=options)
+        parent, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(parent), attr, twin.to(branch.gate.device))

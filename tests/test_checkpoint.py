@@ -140,3 +140,23 @@ def test_the_readmes_resume_block_runs_and_resumes_model_optimizer_and_scheduler
     assert ns["scheduler"].last_epoch == 5 and ns["opt"].param_groups[0]["lr"] == ns["scheduler"].get_last_lr()[0]
     restored = ns["opt"].state_dict()["state"]
     assert restored and all("momentum_buffer" in s for s in restored.values())
+
+
+def test_a_checkpoint_saved_before_the_width_cap_restores_its_wide_branch(monkeypatch):
+    """A stage of 512 channels got r = 128 before the default width was capped at 64: its weights still load."""
+    import gcsurgery.gcode as gcode
+
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    with monkeypatch.context() as m:
+        m.setattr(gcode, "default_width", lambda out_chs: max(8, out_chs // 4))  # the rule before the cap
+        old = gcs.gcify(TinyResNet(widths=(8, 16, 512)), example_inputs=x, ode=gcs.ODEOptions(gate_init=0.1))
+    assert [b.width for b in old.gc.ode] == [8, 8, 128]
+    buf = io.BytesIO()
+    torch.save(checkpoint(old), buf)
+    ckpt = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert gcs.gcify(TinyResNet(widths=(8, 16, 512)), example_inputs=x).gc.ode[2].width == 64  # today's default
+    resumed = restore(TinyResNet(widths=(8, 16, 512)), ckpt)
+    assert [b.width for b in resumed.gc.ode] == [8, 8, 128]
+    old.eval(), resumed.eval()
+    assert torch.equal(old(x), resumed(x))
