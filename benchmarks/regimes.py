@@ -17,7 +17,9 @@ The core grid is every regime × the four core arms (baseline, gcw, gcode, gcgd)
 the main regime (resnet20) also runs: the lead GCGD variant of the 5-seed benchmark, the gradient-only
 GC-ODE (forward exactly the original network's), GC-ODE without its ODE (a linear shortcut), and the
 peers Lookahead (timm), SAM and Gradient Centralization (pytorch-optimizer), and GC-W on centralised
-gradients (``gcw:peer=gradcent``).
+gradients (``gcw:peer=gradcent``), and the control for GC-W as a longer step: plain SGD with the
+learning rate of GC-W's three sites alone ×1.12 (``baseline:site_lr=1.12``; 1.12 from
+``docs/results/regimes/mechanism/``).
 
 ``--jobs N`` trains N seeds at once, in separate processes of one thread each. Each (regime, arm, seed)
 run keeps a checkpoint after every epoch and a JSON when done, in ``OUT/runs/<regime>/``; a later call
@@ -85,6 +87,7 @@ EXTRAS = [
     "sam",
     "gradcent",
     "gcw:peer=gradcent",  # GC-W on top of the best peer: does it add to it?
+    "baseline:site_lr=1.12",  # no corrector, GC-W's sites at 1.12x the lr: is GC-W a longer step there?
 ]
 QUICK = {"epochs": 2, "train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 32, "limit_batches": 3}
 SEEDS = [0, 1, 2, 3, 4]

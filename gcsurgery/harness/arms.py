@@ -24,7 +24,9 @@ plan's sites, or on every convolution's weight) and ``peer=lookahead|gradcent`` 
 as that peer's is, so that gradient correction can be tried on top of a peer), e.g.
 ``gcgd:ode.gate_init=0.1,gcw.horizons=(5,50)`` or ``gcw:peer=gradcent`` (GC-W on centralised gradients).
 ``gcode:ode.mode=gradient`` trains the exact original network with the branches' gradients injected, and
-``gcode:ode.solver=none`` replaces the ODE by a linear shortcut (`ODEOptions`).
+``gcode:ode.solver=none`` replaces the ODE by a linear shortcut (`ODEOptions`). The baseline takes one key,
+``site_lr=X``: plain SGD/AdamW with the learning rate of the plan's GC-W sites (and only theirs) times X, no
+corrector — the control for "GC-W is a longer step on those layers" (``baseline:site_lr=1.12``).
 
 Build the model under the seed first, then the arm: GC-ODE branches and GC-W correctors are initialised
 from their own seeds, so every arm starts from the same weights of the original model and the global RNG
@@ -57,6 +59,7 @@ __all__ = [
     "build_arm",
     "build_optimizer",
     "check_optimizer",
+    "gcw_site_names",
     "parse_arm",
     "parse_options",
 ]
@@ -82,6 +85,7 @@ class ArmSpec:
     gcw: GCWOptions = GCWOptions()  # noqa: RUF009
     sites: str = "plan"
     peer: str | None = None  # a peer of STACKED_PEERS wrapping the arm's optimizer
+    site_lr: float = 1.0  # baseline only: the lr factor of the plan's GC-W sites (no corrector)
 
     @property
     def optimizer_peer(self) -> str | None:
@@ -128,8 +132,12 @@ def parse_arm(spec: str, *, seed: int = 0) -> ArmSpec:
     arm, _, rest = spec.partition(":")
     if arm not in ALL_ARMS:
         raise GCSurgeryError(f"unknown arm {arm!r} in {spec!r}; choose one of {list(ALL_ARMS)}, e.g. gcgd:gcw.lr=0.01")
+    if arm == "baseline" and rest:
+        return _baseline_variant(spec, rest)
     if rest and arm not in VARIED:
-        raise GCSurgeryError(f"{spec!r}: only {list(VARIED)} take options; write {arm!r} alone")
+        raise GCSurgeryError(
+            f"{spec!r}: only {list(VARIED)} take options (and baseline site_lr=X); write {arm!r} alone"
+        )
     over = {"ode": {"seed": seed}, "gcw": {"seed": seed}}
     sites, peer = "plan", None
     for item in _items(rest):
@@ -151,6 +159,23 @@ def parse_arm(spec: str, *, seed: int = 0) -> ArmSpec:
     if sites != "plan" and arm == "gcode":
         raise GCSurgeryError(f"{spec!r}: sites= sets GC-W sites, which the gcode arm has none of; use gcw or gcgd")
     return ArmSpec(spec, arm, ODEOptions(**over["ode"]), GCWOptions(**over["gcw"]), sites, peer)
+
+
+def _baseline_variant(spec: str, rest: str) -> ArmSpec:
+    key, eq, value = rest.partition("=")
+    factor = _literal(value) if key == "site_lr" and eq else None
+    if not (isinstance(factor, int | float) and not isinstance(factor, bool) and 0 < factor < float("inf")):
+        raise GCSurgeryError(
+            f"{spec!r}: the baseline takes one option, site_lr=X (X > 0: the lr factor of the plan's GC-W sites), "
+            f"got {rest!r}; e.g. baseline:site_lr=1.12"
+        )
+    return ArmSpec(spec, "baseline", site_lr=float(factor))
+
+
+def gcw_site_names(model: nn.Module, example_inputs: torch.Tensor) -> tuple[str, ...]:
+    """The parameter names of the automatic plan's GC-W sites (the last weighted layer of each stage)."""
+    with torch.random.fork_rng(devices=[]):
+        return tuple(s.param for s in plan(model, example_inputs).gcw_sites)
 
 
 def arm_spec(cfg) -> ArmSpec:
@@ -197,7 +222,7 @@ def build_arm(
     with torch.random.fork_rng(devices=[]):
         if spec.arm == "gcw":
             out = model
-            sites = tuple(s.param for s in plan(model, example_inputs).gcw_sites)
+            sites = gcw_site_names(model, example_inputs)
         else:
             out = gcify(model, example_inputs=example_inputs, ode=ode or spec.ode)
             sites = tuple(s.param for s in out.gc_plan.gcw_sites) if spec.arm == "gcgd" else ()
@@ -230,6 +255,7 @@ def build_optimizer(
     name: str = "sgd",
     gcw: GCWOptions | None = None,
     peer: str | None = None,
+    scaled: tuple[tuple[str, ...], float] | None = None,
     **kwargs,
 ) -> torch.optim.Optimizer:
     """The base optimizer over all of ``model``'s parameters, wrapped in `GCOptimizer` when there are sites.
@@ -243,12 +269,16 @@ def build_optimizer(
         peer: None, or a peer arm of `PEERS`: "lookahead" wraps the result in timm's Lookahead (k=5,
             alpha=0.5), "sam" builds pytorch-optimizer's SAM (rho=0.05) over the base (sgd or adamw), and
             "gradcent" centralises the gradients before each step (a step pre-hook).
+        scaled: ``(names, factor)``: those parameters in a second group at ``factor`` times the lr (sgd or
+            adamw, no sites, no peer): the baseline's ``site_lr`` control.
         **kwargs: options of the base optimizer (lr, momentum, weight_decay, ...).
     """
     check_optimizer(name)
     if peer is not None and peer not in PEERS:
         raise GCSurgeryError(f"unknown peer {peer!r}; choose one of {list(PEERS)} or None")
     bare = unwrap(model)
+    if scaled is not None:
+        return _scaled_groups(bare, name, sites, peer, scaled, kwargs)
     if peer in ("sam", "gradcent"):
         po = _pytorch_optimizer(peer)
     if peer == "sam":
@@ -283,6 +313,22 @@ def build_optimizer(
 
         opt.register_step_pre_hook(centralize)
     return opt
+
+
+def _scaled_groups(bare: nn.Module, name: str, sites, peer, scaled, kwargs) -> torch.optim.Optimizer:
+    names, factor = scaled
+    if name not in OPTIMIZERS or sites or peer is not None:
+        raise GCSurgeryError(
+            f"a site_lr group runs plain {list(OPTIMIZERS)} (no GC-W, no peer); got optimizer {name!r}, "
+            f"{len(sites)} GC-W sites, peer {peer!r}"
+        )
+    params = dict(bare.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown or not names:
+        raise GCSurgeryError(f"site_lr names parameters the model does not have: {unknown or list(names)}")
+    rest = [p for n, p in params.items() if n not in names]
+    groups = [{"params": rest}, {"params": [params[n] for n in names], "lr": kwargs["lr"] * factor}]
+    return OPTIMIZERS[name](groups, **kwargs)
 
 
 def _pytorch_optimizer(arm: str):

@@ -25,7 +25,7 @@ from ..diagnostics import GradientRecorder
 from ..errors import GCSurgeryError
 from ..plans import plan as make_plan
 from ..rewrite import is_gcified
-from .arms import arm_spec, build_arm, build_optimizer
+from .arms import arm_spec, build_arm, build_optimizer, gcw_site_names
 from .config import RunConfig, config_diff
 from .datasets import Data
 from .loop import evaluate, gc_summary, make_schedule, seed_epoch, train_one_epoch
@@ -133,6 +133,9 @@ class Run:
                 self.sites = tuple(ckpt.get("gcw_sites", self.sites))
         else:
             model, self.sites = build_arm(model, self.spec, example_inputs=torch.zeros(2, *data.input_shape))
+        scaled = None  # the baseline's site_lr control: the plan's GC-W sites in their own lr group
+        if self.spec.site_lr != 1.0:
+            scaled = (gcw_site_names(model, torch.zeros(2, *data.input_shape)), self.spec.site_lr)
         plan = None
         if cfg.diagnose_every and rank == 0 and not is_gcified(model):  # the recorder's stages of a plain model
             with torch.random.fork_rng(devices=[]):
@@ -155,6 +158,7 @@ class Run:
             name=cfg.opt,
             gcw=self.spec.gcw,
             peer=self.spec.optimizer_peer,
+            scaled=scaled,
             **kwargs,
         )
         self.recorder = None

@@ -8,7 +8,15 @@ import torch
 
 from gcsurgery.errors import GCSurgeryError
 from gcsurgery.gcw import GCWOptions
-from gcsurgery.harness.arms import ALL_ARMS, ArmSpec, arm_spec, build_arm, build_optimizer, parse_arm
+from gcsurgery.harness.arms import (
+    ALL_ARMS,
+    ArmSpec,
+    arm_spec,
+    build_arm,
+    build_optimizer,
+    gcw_site_names,
+    parse_arm,
+)
 from gcsurgery.harness.config import RunConfig
 from gcsurgery.harness.models import build_model
 from gcsurgery.optim import GCOptimizer
@@ -48,7 +56,7 @@ def test_arm_variants_parse_into_options_and_bad_specs_say_how_to_write_them():
     assert parse_arm("lookahead") == ArmSpec("lookahead", "lookahead")
     for spec, says in [
         ("adam", "unknown arm 'adam'"),
-        ("baseline:gcw.lr=0.1", "only ['gcw', 'gcode', 'gcgd'] take options"),
+        ("lookahead:gcw.lr=0.1", "only ['gcw', 'gcode', 'gcgd'] take options"),
         ("gcgd:ode.gate=1", "cannot read 'ode.gate=1'"),
         ("gcgd:gcw.seed=1", "cannot read 'gcw.seed=1'"),  # seeds come from --seeds
         ("gcw:sites=all", "cannot read 'sites=all'"),
@@ -87,3 +95,33 @@ def test_optimizers_from_torch_and_timm():
         build_optimizer(model, name="lamb2", lr=0.1)
     with pytest.raises(GCSurgeryError, match="unknown arm 'gc'"):
         build_arm(torch.nn.Linear(2, 2), "gc", example_inputs=torch.zeros(2, 2))
+
+
+def test_baseline_site_lr_trains_the_gcw_sites_at_a_scaled_lr_without_a_corrector():
+    spec = parse_arm("baseline:site_lr=2")
+    assert (spec.arm, spec.site_lr, spec.filename) == ("baseline", 2.0, "baseline_site_lr=2")
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet20", num_classes=10, in_chans=1)
+    twin = copy.deepcopy(model)
+    names = gcw_site_names(model, torch.zeros(2, 1, 32, 32))
+    assert names == SITES
+    scaled = build_optimizer(model, scaled=(names, spec.site_lr), lr=0.1, momentum=0.9)
+    plain = build_optimizer(twin, lr=0.1, momentum=0.9)
+    assert type(scaled) is torch.optim.SGD and [g["lr"] for g in scaled.param_groups] == [0.1, 0.2]
+    x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))
+    before = copy.deepcopy(model.state_dict())
+    for m, opt in ((model, scaled), (twin, plain)):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if n in names:  # twice the step of plain SGD; every other parameter the same step
+            torch.testing.assert_close(before[n] - p, 2 * (before[n] - q), rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(p, q), n
+    for bad, says in [("baseline:site_lr=0", "site_lr=X (X > 0"), ("baseline:gcw.lr=1", "got 'gcw.lr=1'")]:
+        with pytest.raises(GCSurgeryError, match=re.escape(says)):
+            parse_arm(bad)
+    with pytest.raises(GCSurgeryError, match="a site_lr group runs plain"):
+        build_optimizer(model, scaled=(names, 2.0), sites=names, lr=0.1)
+    with pytest.raises(GCSurgeryError, match="does not have: \\['nope'\\]"):
+        build_optimizer(model, scaled=(("nope",), 2.0), lr=0.1)
