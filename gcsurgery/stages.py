@@ -217,7 +217,7 @@ def find_stages(gm: fx.GraphModule, example: torch.Tensor) -> Stages:
         states.append(state)
     all_levels = {infos[n].reduction for n in g.nodes if infos[n].reduction is not None and not is_point(infos[n].hw)}
     missing = sorted(lv for lv in all_levels - {infos[s].reduction for s in states} if lv > levels[0])
-    if missing and dense is not None:
+    if missing and dense is not None and len(states) < 2:  # a U-Net's skips leave one level: say why
         _refuse(
             gm,
             example,

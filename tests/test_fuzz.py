@@ -127,6 +127,9 @@ TRAP_SPECS = {
     "pool_w": dict(stages=(StageSpec("pool_w", 8, ()), StageSpec("pool_w", 8, (BlockSpec("residual"),)))),
     "features_out": dict(stages=(StageSpec("conv", 8, (BlockSpec("conv"),)),), head="features"),
     "se": dict(stages=(StageSpec(None, 8, (BlockSpec("se"),)), StageSpec("conv", 8, (BlockSpec("se"),)))),
+    # the output is a feature map finer than the hourglass's detour, which has no cut node: planned, not taken
+    # for a U-Net, since two states remain (found by the long fuzz)
+    "hourglass_features_out": dict(stages=(StageSpec("conv", 8, (BlockSpec("hourglass"),)),), head="features"),
 }
 
 
