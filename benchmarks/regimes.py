@@ -213,6 +213,24 @@ def _missing(report: dict, seeds: list[int]) -> list[dict]:
     return todo
 
 
+def _stacked(results: dict) -> dict:
+    """For each arm stacked on a peer (``ARM:peer=P``), its paired difference to P alone, over their common seeds."""
+    out = {}
+    for arm in dict.fromkeys(a for a, _ in sorted(results)):
+        peer = parse_arm(arm).peer
+        seeds = sorted(s for a, s in results if a == arm and (peer, s) in results) if peer else []
+        if not seeds:
+            continue
+        pairs = [(results[(arm, s)], results[(peer, s)]) for s in seeds]
+        out[arm] = {
+            "vs": peer,
+            "seeds": seeds,
+            "val_diff": paired_interval([r["final_val_acc"] - q["final_val_acc"] for r, q in pairs]),
+            "test_diff": paired_interval([r["test_acc"] - q["test_acc"] for r, q in pairs]),
+        }
+    return out
+
+
 def aggregate(out: Path, *, quick: bool, seeds: list[int]) -> dict:
     report = {"regimes": {}}
     for regime, (what, over) in REGIMES.items():
@@ -221,7 +239,7 @@ def aggregate(out: Path, *, quick: bool, seeds: list[int]) -> dict:
             continue
         arms = list(dict.fromkeys([*CORE, *EXTRAS, *(a for a, _ in sorted(results))]))
         cells = {arm: c for arm in arms if (c := cell(results, arm)) is not None}
-        report["regimes"][regime] = {"what": what, "overrides": over, "arms": cells}
+        report["regimes"][regime] = {"what": what, "overrides": over, "arms": cells, "stacked": _stacked(results)}
     report["missing"] = _missing(report, seeds)
     return report
 
@@ -253,6 +271,21 @@ def markdown(report: dict, *, header: str, command: str) -> str:
                 ]
             )
         lines += [*markdown_table(head, rows), ""]
+        if r.get("stacked"):
+            stacked = [
+                [
+                    arm,
+                    d["vs"],
+                    str(len(d["seeds"])),
+                    _interval(d["val_diff"]),
+                    d["val_diff"]["verdict"],
+                    _interval(d["test_diff"]),
+                ]
+                for arm, d in r["stacked"].items()
+            ]
+            lines += ["On top of a peer, paired with the peer alone (same seeds):", ""]
+            head2 = ["arm", "vs", "seeds", "Δ val, pts [95% CI]", "verdict", "Δ test, pts [95% CI]"]
+            lines += [*markdown_table(head2, stacked), ""]
     if report["missing"]:
         lines += ["## Missing cells", ""]
         total, unknown = 0.0, []

@@ -135,11 +135,15 @@ def test_regimes_quick_runs_seeds_in_parallel_and_resumes(tmp_path):
     again = run("regimes.py", *argv)
     assert not any(line.startswith("seed ") for line in again.stdout.splitlines())  # every run was there
     assert json.loads((tmp_path / "results.json").read_text())["regimes"] == res["regimes"]
-    later = ["--quick", "--out", str(tmp_path), "--regimes", "resnet20", "--arms", "gradcent", "--seeds", "0"]
-    run("regimes.py", *later)  # an arm added by a later command: accuracy pairs, time does not
-    added = json.loads((tmp_path / "results.json").read_text())["regimes"]["resnet20"]["arms"]["gradcent"]
+    later = ["--quick", "--out", str(tmp_path), "--regimes", "resnet20", "--arms", "gradcent", "gcw:peer=gradcent"]
+    run("regimes.py", *later, "--seeds", "0")  # arms added by a later command: accuracy pairs, time does not
+    regime = json.loads((tmp_path / "results.json").read_text())["regimes"]["resnet20"]
+    added = regime["arms"]["gradcent"]
     assert added["seeds"] == [0] and added["step_time_ratio"] is None and added["wall_ratio"]["n"] == 0
     assert added["epochs_ratio"]["n"] == 1
+    stacked = regime["stacked"]["gcw:peer=gradcent"]  # GC-W on the peer, paired with the peer alone
+    assert stacked["vs"] == "gradcent" and stacked["seeds"] == [0] and stacked["val_diff"]["n"] == 1
+    assert "On top of a peer" in (tmp_path / "results.md").read_text()
     refused = run("regimes.py", "--quick", "--arms", "gcgd:ode.gate=1", "--out", str(tmp_path), check=False)
     assert refused.returncode == 1 and "cannot read 'ode.gate=1'" in refused.stderr
 
