@@ -320,7 +320,7 @@ def _scaled_groups(bare: nn.Module, name: str, sites, peer, scaled, kwargs) -> t
     if name not in OPTIMIZERS or sites or peer is not None:
         raise GCSurgeryError(
             f"a site_lr group runs plain {list(OPTIMIZERS)} (no GC-W, no peer); got optimizer {name!r}, "
-            f"{len(sites)} GC-W sites, peer {peer!r}"
+            f"{len(sites)} GC-W sites, peer {peer!r}; use baseline:site_lr=X with --opt sgd or adamw"
         )
     params = dict(bare.named_parameters())
     unknown = [n for n in names if n not in params]
