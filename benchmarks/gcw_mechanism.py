@@ -20,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gcsurgery.errors import GCSurgeryError  # noqa: E402
-from gcsurgery.harness.report import paired_interval  # noqa: E402
+from gcsurgery.errors import GCSurgeryError
+from gcsurgery.harness.report import paired_interval
 
 
 def records_by_epoch(run_dir: Path) -> list[tuple[int, dict]]:
@@ -59,11 +57,8 @@ def summarize(runs: list[Path]) -> dict:
         per = {}
         for epoch in [*epochs, "all"]:
             recs = [r for e, r in rows if epoch == "all" or e == epoch]
-            pairs = [
-                (a, b)
-                for r in recs
-                if len(_finite([a := r.get(f"diag/{site}/cos_dG_next"), b := r.get(f"diag/gcw:{site}/cos_next")])) == 2
-            ]
+            both = [(r.get(f"diag/{site}/cos_dG_next"), r.get(f"diag/gcw:{site}/cos_next")) for r in recs]
+            pairs = [pair for pair in both if len(_finite(pair)) == 2]  # records where a correction was applied
             ratio = _finite(r.get(f"diag/{site}/ratio") for r in recs)
             diff = paired_interval([a - b for a, b in pairs]) if len(pairs) > 1 else None
             per[str(epoch)] = {

@@ -62,6 +62,7 @@ import gcsurgery  # noqa: E402
 from gcsurgery.errors import GCSurgeryError  # noqa: E402
 from gcsurgery.harness.arms import ARMS, build_arm, build_optimizer  # noqa: E402
 from gcsurgery.harness.models import build_model  # noqa: E402
+from gcsurgery.harness.report import paired_interval  # noqa: E402
 
 SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 N_BATCHES = 4  # distinct random batches the steps cycle through
@@ -276,15 +277,9 @@ def _spread(values, scale: float = 1.0) -> dict[str, float]:
 
 
 def ratio_interval(ratios) -> dict[str, float | None]:
-    """Geometric mean of per-round ratios and its 95% Student-t interval (computed on the log ratios)."""
-    logs = np.log(np.asarray(ratios, dtype=float))
-    mean = float(np.exp(logs.mean()))
-    if len(logs) < 2:
-        return {"mean": mean, "low": None, "high": None}
-    from scipy import stats  # the bench extra
-
-    half = stats.t.ppf(0.975, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
-    return {"mean": mean, "low": float(np.exp(logs.mean() - half)), "high": float(np.exp(logs.mean() + half))}
+    """Geometric mean of per-round ratios and its 95% Student-t interval (`paired_interval` of the log ratios)."""
+    iv = paired_interval(np.log(np.asarray(ratios, dtype=float)))
+    return {k: None if iv[k] is None else float(np.exp(iv[k])) for k in ("mean", "low", "high")}
 
 
 def add_intervals(results: list[dict]) -> None:
