@@ -30,7 +30,9 @@ validation accuracy with its 95% Student-t interval and a verdict (pays: the int
 below; within noise: it holds 0), the same for the test accuracy at the best validation epoch, the epochs
 and the training wall time each seed needs to reach its own baseline's final validation accuracy, as a
 ratio to what the baseline needs (mean over the seeds that reach it, with its interval), and the step-time
-ratio; the cells of the core grid still missing, with the time they need at the measured speed.
+ratio; the cells of the core grid still missing, with the time they need at the measured speed (a regime with
+no finished run: the measured regime's speed scaled by forward FLOPs per image times images trained on), and
+per regime the commands that train what is there.
 """
 
 import argparse
@@ -91,6 +93,7 @@ EXTRAS = [
 ]
 QUICK = {"epochs": 2, "train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 32, "limit_batches": 3}
 SEEDS = [0, 1, 2, 3, 4]
+FULL_TRAIN = 54000  # Fashion-MNIST's 60000 training images less the 6000 of the validation split
 
 
 def regime_config(name: str, *, quick: bool = False, device: str = "cpu") -> dict:
@@ -198,18 +201,46 @@ def _ratio_text(d: dict) -> str:
     return f"{d['mean']:.2f} [{d['low']:.2f}, {d['high']:.2f}] ({d['reached']}/{d['n']})"
 
 
+def run_cost(regime: str) -> float:
+    """The relative training cost of one run of ``regime``: its model's forward FLOPs on one image, times the
+    images it trains on; what an unmeasured regime's runs are estimated from."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gcsurgery.harness.models import build_model
+
+    cfg = regime_config(regime)
+    with torch.random.fork_rng():
+        model = build_model(cfg["model"], num_classes=10, in_chans=1).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        model(torch.zeros(1, 1, 32, 32))
+    return flops.get_total_flops() * (cfg["train_size"] or FULL_TRAIN) * cfg["epochs"]
+
+
 def _missing(report: dict, seeds: list[int]) -> list[dict]:
-    """The core-grid cells (and the main regime's extras) with fewer than ``len(seeds)`` paired seeds."""
+    """The core-grid cells (and the main regime's extras) with fewer than ``len(seeds)`` paired seeds, each with
+    the seconds one more run takes: measured in its regime, else scaled by `run_cost` from the measured regime
+    that ran fastest for its cost (the one least slowed by other jobs)."""
     todo = []
+    measured = {
+        regime: float(np.median([c["run_seconds"] for c in r["arms"].values()]))
+        for regime, r in report["regimes"].items()
+        if r["arms"]
+    }
+    ref = None
+    if measured and set(REGIMES) - set(measured):
+        costs = {regime: run_cost(regime) for regime in REGIMES}
+        ref = min(measured, key=lambda r: measured[r] / costs[r])
     for regime in REGIMES:
         arms = CORE + (EXTRAS if regime == MAIN else [])
         cells = report["regimes"].get(regime, {}).get("arms", {})
-        known = [c["run_seconds"] for c in cells.values()]
         for arm in arms:
             have = len(cells[arm]["seeds"]) if arm in cells else 0
-            if have < len(seeds):
-                per_run = float(np.median(known)) if known else None
-                todo.append({"regime": regime, "arm": arm, "seeds": have, "per_run_s": per_run})
+            if have >= len(seeds):
+                continue
+            per_run, estimated = measured.get(regime), False
+            if per_run is None and ref is not None:
+                per_run, estimated = measured[ref] * costs[regime] / costs[ref], True
+            todo.append({"regime": regime, "arm": arm, "seeds": have, "per_run_s": per_run, "estimated": estimated})
     return todo
 
 
@@ -244,6 +275,20 @@ def aggregate(out: Path, *, quick: bool, seeds: list[int]) -> dict:
     return report
 
 
+def regime_commands(command: str, regime: str, cells: dict) -> list[str]:
+    """The commands that train the runs of ``regime``'s cells: one per set of seeds its arms were run at."""
+    by_seeds: dict[tuple, list[str]] = {}
+    for arm, c in cells.items():
+        if arm != "baseline":
+            by_seeds.setdefault(tuple(c["seeds"]), []).append(arm)
+    out = []
+    for seeds, arms in by_seeds.items() or [(tuple(cells["baseline"]["seeds"]), [])]:
+        seeds_arg = "" if list(seeds) == SEEDS else f" --seeds {' '.join(map(str, seeds))}"
+        arms_arg = " core" if arms == CORE[1:] else "".join(f" {a}" for a in ["baseline", *arms])
+        out.append(f"{command} --regimes {regime} --arms{arms_arg}{seeds_arg}")
+    return out
+
+
 def markdown(report: dict, *, header: str, command: str) -> str:
     lines = [header, ""]
     head = [
@@ -252,7 +297,7 @@ def markdown(report: dict, *, header: str, command: str) -> str:
     ]  # fmt: skip
     for regime, r in report["regimes"].items():
         lines += [f"## {regime}: {r['what']}", ""]
-        lines.append(f"`{command} --regimes {regime} --arms {' '.join(r['arms'])}`")
+        lines += [f"`{c}`" for c in regime_commands(command, regime, r["arms"])]
         lines.append("")
         rows = []
         for arm, c in r["arms"].items():
@@ -288,20 +333,22 @@ def markdown(report: dict, *, header: str, command: str) -> str:
             lines += [*markdown_table(head2, stacked), ""]
     if report["missing"]:
         lines += ["## Missing cells", ""]
-        total, unknown = 0.0, []
+        total, estimated = 0.0, False
         for m in report["missing"]:
             need = len(SEEDS) - m["seeds"]
-            if m["per_run_s"] is None:
-                unknown.append(f"{m['regime']} × {m['arm']}")
-            else:
-                total += need * m["per_run_s"] * 1.25  # evaluation and start-up on top of the training time
-            have = f"{m['seeds']}/{len(SEEDS)} seeds"
-            lines.append(f"- {m['regime']} × {m['arm']}: {have}")
+            total += need * (m["per_run_s"] or 0.0) * 1.25  # evaluation and start-up on top of the training time
+            estimated |= m["estimated"]
+            lines.append(f"- {m['regime']} × {m['arm']}: {m['seeds']}/{len(SEEDS)} seeds")
         lines.append("")
         lines.append(
-            f"At the measured speed (one thread per run), the cells of regimes with runs need about "
-            f"{total / 3600:.1f} core-hours more ({total / 7200:.1f} h with --jobs 2)"
-            + (f"; {len(unknown)} cells are in regimes with no finished run yet." if unknown else ".")
+            f"At the measured speed (one thread per run), they need about {total / 3600:.1f} core-hours more "
+            f"({total / 7200:.1f} h with --jobs 2)"
+            + (
+                "; a regime with no finished run is estimated from a measured one, scaled by forward FLOPs "
+                "per image times the images trained on."
+                if estimated
+                else "."
+            )
         )
     return "\n".join(lines) + "\n"
 
@@ -404,10 +451,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    command = "python benchmarks/regimes.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/regimes.py --jobs 2" + (" --quick" if args.quick else "")
     command += f" --out {args.out}" if args.out != "docs/results/regimes" else ""
-    command += f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != SEEDS else ""
-    command += " --jobs 2"
     if not args.report:
         units = [(r, s) for r in args.regimes for s in args.seeds]
         print(f"{len(units)} (regime, seed) units, arms {args.arms}, {args.jobs} at a time", flush=True)

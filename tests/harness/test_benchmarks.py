@@ -124,10 +124,17 @@ def test_regimes_quick_runs_seeds_in_parallel_and_resumes(tmp_path):
     assert cells["baseline"]["val_diff"]["mean"] == 0.0 and cells["sam"]["step_time_ratio"] > 1  # two passes a step
     missing = {(m["regime"], m["arm"]): m["seeds"] for m in res["missing"]}
     assert missing[("resnet20", "gcw")] == missing[("resnet20", "sam")] == 2 and missing[("plain56", "gcgd")] == 0
+    todo = {(m["regime"], m["arm"]): m for m in res["missing"]}  # unmeasured regimes: estimated by their FLOPs
+    assert not todo[("resnet20", "gcw")]["estimated"] and todo[("plain56", "gcgd")]["estimated"]
+    per_run = {r: todo[(r, "gcgd")]["per_run_s"] for r in ("resnet20", "plain20", "plain56", "full-data")}
+    assert per_run["plain20"] == pytest.approx(per_run["resnet20"], rel=0.05)  # same convolutions, no shortcuts
+    assert 2.5 < per_run["plain56"] / per_run["plain20"] < 3.3 and per_run["full-data"] > per_run["resnet20"]
     runs = sorted(p.name for p in (tmp_path / "runs" / "resnet20").iterdir())
     assert runs == sorted(f"{a}-seed{s}.json" for a in ("baseline", "gcw", "sam") for s in (0, 1))  # no checkpoints
     md = (tmp_path / "results.md").read_text()
     assert "## resnet20" in md and "| gcw | 2 |" in md and "## Missing cells" in md
+    command = f"python benchmarks/regimes.py --jobs 2 --quick --out {tmp_path} --regimes resnet20"
+    assert f"`{command} --arms baseline gcw sam --seeds 0 1`" in md  # the command that trains the cells
     for png in ("map.png", "curves-resnet20.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     calls = {json.loads(p.read_text())["call"] for p in (tmp_path / "runs" / "resnet20").iterdir()}
@@ -143,7 +150,10 @@ def test_regimes_quick_runs_seeds_in_parallel_and_resumes(tmp_path):
     assert added["epochs_ratio"]["n"] == 1
     stacked = regime["stacked"]["gcw:peer=gradcent"]  # GC-W on the peer, paired with the peer alone
     assert stacked["vs"] == "gradcent" and stacked["seeds"] == [0] and stacked["val_diff"]["n"] == 1
-    assert "On top of a peer" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "On top of a peer" in md
+    assert "--regimes resnet20 --arms baseline gcw sam --seeds 0 1`" in md  # one command per set of seeds
+    assert "--regimes resnet20 --arms baseline gradcent gcw:peer=gradcent --seeds 0`" in md
     refused = run("regimes.py", "--quick", "--arms", "gcgd:ode.gate=1", "--out", str(tmp_path), check=False)
     assert refused.returncode == 1 and "cannot read 'ode.gate=1'" in refused.stderr
 
