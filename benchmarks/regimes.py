@@ -354,18 +354,20 @@ def markdown(report: dict, *, header: str, command: str) -> str:
 
 
 def plot_map(report: dict, path: Path) -> None:
-    """The heatmap: regimes × arms, colour = mean Δ val (points), the interval and the verdict written in."""
+    """The heatmap: regimes × arms, colour = mean Δ val (points), the interval and the verdict written in; every
+    regime has its row, a cell with no paired run a dash."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    regimes = list(report["regimes"])
-    arms = list(dict.fromkeys(a for r in report["regimes"].values() for a in r["arms"] if a != "baseline"))
+    regimes = list(REGIMES)
+    cells = {regime: report["regimes"].get(regime, {}).get("arms", {}) for regime in regimes}
+    arms = list(dict.fromkeys([*CORE[1:], *(a for r in cells.values() for a in r if a != "baseline")]))
     grid = np.full((len(regimes), len(arms)), np.nan)
     for i, regime in enumerate(regimes):
         for j, arm in enumerate(arms):
-            c = report["regimes"][regime]["arms"].get(arm)
+            c = cells[regime].get(arm)
             if c is not None:
                 grid[i, j] = 100 * c["val_diff"]["mean"]
     lim = max(0.5, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.5)
@@ -374,7 +376,7 @@ def plot_map(report: dict, path: Path) -> None:
     mark = {"pays": "▲ pays", "hurts": "▼ hurts", "within noise": "noise", "unknown": "1 seed"}
     for i, regime in enumerate(regimes):
         for j, arm in enumerate(arms):
-            c = report["regimes"][regime]["arms"].get(arm)
+            c = cells[regime].get(arm)
             if c is None:
                 ax.text(j, i, "—", ha="center", va="center", color="grey")
                 continue
