@@ -21,18 +21,18 @@ gradients (``gcw:peer=gradcent``), and the control for GC-W as a longer step: pl
 learning rate of GC-W's three sites alone ×1.12 (``baseline:site_lr=1.12``; 1.12 from
 ``docs/results/regimes/mechanism/``).
 
-``--jobs N`` trains N seeds at once, in separate processes of one thread each. Each (regime, arm, seed)
-run keeps a checkpoint after every epoch and a JSON when done, in ``OUT/runs/<regime>/``; a later call
-continues unfinished runs and skips finished ones, so the map fills a piece at a time. ``--report`` (and the
-end of every call) writes ``OUT/results.json``, ``OUT/results.md``, ``OUT/map.png`` (the heatmap) and
+``--jobs N`` trains N seeds at once, in separate processes of one thread each. Each (regime, arm, seed) run
+keeps a checkpoint after every epoch and a JSON when done, in ``OUT/runs/<regime>/``; a later call continues
+unfinished runs and skips finished ones, so the map fills a piece at a time. ``--report`` (and the end of
+every call) writes ``OUT/results.json``, ``OUT/results.md``, ``OUT/map.png`` (the heatmap) and
 ``OUT/curves-<regime>.png`` from every finished run there: per cell the paired difference of the final
 validation accuracy with its 95% Student-t interval and a verdict (pays: the interval lies above 0; hurts:
-below; within noise: it holds 0), the same for the test accuracy at the best validation epoch, the epochs
-and the training wall time each seed needs to reach its own baseline's final validation accuracy, as a
-ratio to what the baseline needs (mean over the seeds that reach it, with its interval), and the step-time
-ratio; the cells of the core grid still missing, with the time they need at the measured speed (a regime with
-no finished run: the measured regime's speed scaled by forward FLOPs per image times images trained on), and
-per regime the commands that train what is there.
+below; within noise: it holds 0; and how many of its runs diverged, their training loss NaN), the same for the
+test accuracy at the best validation epoch, the epochs and the training wall time each seed needs to reach its
+own baseline's final validation accuracy, as a ratio to what the baseline needs (mean over the seeds that
+reach it, with its interval), and the step-time ratio; the cells of the core grid still missing, with the time
+they need at the measured speed (a regime with no finished run: the measured regime's speed scaled by forward
+FLOPs per image times images trained on), and per regime the commands that train what is there.
 """
 
 import argparse
@@ -149,6 +149,16 @@ def _ratio_stats(values: list[float | None]) -> dict:
     return out
 
 
+def _diverged(run: dict) -> bool:
+    """Whether the run's training loss went non-finite (its weights NaN: it ends at chance accuracy)."""
+    return any(not math.isfinite(r.get("train_loss", 0.0)) for r in run["history"])
+
+
+def _verdict(arm: str, c: dict) -> str:
+    diverged = f" ({c['diverged']} of {len(c['seeds'])} diverged)" if c.get("diverged") else ""
+    return ("—" if arm == "baseline" else c["val_diff"]["verdict"]) + diverged
+
+
 def cell(results: dict, arm: str) -> dict | None:
     """The statistics of one arm of a regime, over the seeds where it and the baseline both finished."""
     seeds = sorted(s for a, s in results if a == arm and ("baseline", s) in results)
@@ -180,6 +190,7 @@ def cell(results: dict, arm: str) -> dict | None:
         "wall_ratio": _ratio_stats(seconds),
         "cpu_ratio": _ratio_stats(cpu),
         "step_time_ratio": float(np.median(step)) if step else None,
+        "diverged": sum(_diverged(r) for r in runs),
         "run_seconds": float(np.median([r["train_time"] for r in runs])),
         "curve": np.mean([[r["val_acc"] for r in run["history"]] for run in runs], 0).tolist(),
     }
@@ -307,7 +318,7 @@ def markdown(report: dict, *, header: str, command: str) -> str:
                     str(len(c["seeds"])),
                     f"{100 * c['final_val_acc']['mean']:.2f} ± {100 * c['final_val_acc']['std']:.2f}",
                     "—" if arm == "baseline" else _interval(c["val_diff"]),
-                    "—" if arm == "baseline" else c["val_diff"]["verdict"],
+                    _verdict(arm, c),
                     "—" if arm == "baseline" else _interval(c["test_diff"]),
                     _ratio_text(c["epochs_ratio"]),
                     _ratio_text(c["wall_ratio"]),
@@ -382,7 +393,8 @@ def plot_map(report: dict, path: Path) -> None:
                 continue
             v = c["val_diff"]
             ci = "" if v["low"] is None else f"\n[{100 * v['low']:+.2f}, {100 * v['high']:+.2f}]"
-            text = f"{100 * v['mean']:+.2f}{ci}\n{mark[v['verdict']]} (n={v['n']})"
+            diverged = f", {c['diverged']} NaN" if c.get("diverged") else ""
+            text = f"{100 * v['mean']:+.2f}{ci}\n{mark[v['verdict']]} (n={v['n']}{diverged})"
             dark = abs(100 * v["mean"]) > 0.6 * lim
             ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
     ax.set_xticks(range(len(arms)), [a.replace(":", ":\n").replace(",", ",\n") for a in arms], fontsize=7)

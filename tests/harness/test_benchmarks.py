@@ -158,6 +158,25 @@ def test_regimes_quick_runs_seeds_in_parallel_and_resumes(tmp_path):
     assert refused.returncode == 1 and "cannot read 'ode.gate=1'" in refused.stderr
 
 
+def test_regimes_cell_counts_the_runs_that_diverged():
+    regimes = load("regimes.py")
+
+    def summary(accs, losses):
+        hist = [{"epoch": 0, "val_acc": 0.1, "train_time": 0.0, "cpu_time": 0.0}]
+        hist += [{"epoch": e, "val_acc": a, "train_loss": loss, "train_time": 10.0 * e, "cpu_time": 10.0 * e,
+                  "step_time": 0.1} for e, (a, loss) in enumerate(zip(accs, losses, strict=True), 1)]  # fmt: skip
+        return {"final_val_acc": accs[-1], "test_acc": accs[-1], "history": hist, "train_time": 20.0, "call": "t"}
+
+    nan = float("nan")
+    results = {("baseline", s): summary([0.5, 0.6], [1.0, 0.8]) for s in range(3)}
+    results |= {("gcode", 0): summary([0.1, 0.1], [nan, nan]), ("gcode", 1): summary([0.6, 0.7], [0.9, 0.7])}
+    results[("gcode", 2)] = summary([0.55, 0.65], [0.9, 0.75])
+    c = regimes.cell(results, "gcode")
+    assert c["seeds"] == [0, 1, 2] and c["diverged"] == 1 and regimes.cell(results, "baseline")["diverged"] == 0
+    assert regimes._verdict("gcode", c) == "within noise (1 of 3 diverged)"
+    assert regimes._verdict("baseline", regimes.cell(results, "baseline")) == "—"
+
+
 def test_gcw_mechanism_pairs_each_records_cosines_by_epoch(tmp_path):
     site = "layer1.2.conv2.weight"
     lines = [{"epoch": 0, "val_acc": 0.1}]
