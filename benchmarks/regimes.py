@@ -381,7 +381,8 @@ def plot_map(report: dict, path: Path) -> None:
             c = cells[regime].get(arm)
             if c is not None:
                 grid[i, j] = 100 * c["val_diff"]["mean"]
-    lim = max(0.5, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.5)
+    # the colours span ±3 points at most: a diverged cell (tens of points) would wash out the rest
+    lim = min(3.0, max(0.5, float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 0.5))
     fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(arms), 1.0 + 0.62 * len(regimes)), dpi=120)
     ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     mark = {"pays": "▲ pays", "hurts": "▼ hurts", "within noise": "noise", "unknown": "1 seed"}
@@ -399,7 +400,9 @@ def plot_map(report: dict, path: Path) -> None:
             ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
     ax.set_xticks(range(len(arms)), [a.replace(":", ":\n").replace(",", ",\n") for a in arms], fontsize=7)
     ax.set_yticks(range(len(regimes)), regimes, fontsize=8)
-    ax.set_title("Δ final val accuracy vs the paired baseline (points), 95% t interval", fontsize=9)
+    ax.set_title(
+        f"Δ final val accuracy vs the paired baseline (points), 95% t interval; colours clipped at ±{lim:g}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
