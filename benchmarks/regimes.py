@@ -93,7 +93,7 @@ EXTRAS = [
 ]
 QUICK = {"epochs": 2, "train_size": 200, "val_size": 100, "test_size": 100, "batch_size": 32, "limit_batches": 3}
 SEEDS = [0, 1, 2, 3, 4]
-FULL_TRAIN = 54000  # Fashion-MNIST's 60000 training images less the 6000 of the validation split
+FASHION_MNIST_TRAIN = 60000  # its training images, the validation split cut from them
 
 
 def regime_config(name: str, *, quick: bool = False, device: str = "cpu") -> dict:
@@ -217,6 +217,8 @@ def run_cost(regime: str) -> float:
     images it trains on; what an unmeasured regime's runs are estimated from."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from gcsurgery.harness.config import RunConfig
+    from gcsurgery.harness.loader import split_train_val
     from gcsurgery.harness.models import build_model
 
     cfg = regime_config(regime)
@@ -224,7 +226,8 @@ def run_cost(regime: str) -> float:
         model = build_model(cfg["model"], num_classes=10, in_chans=1).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as flops:
         model(torch.zeros(1, 1, 32, 32))
-    return flops.get_total_flops() * (cfg["train_size"] or FULL_TRAIN) * cfg["epochs"]
+    images = cfg["train_size"] or len(split_train_val(FASHION_MNIST_TRAIN, val_fraction=RunConfig.val_fraction)[0])
+    return flops.get_total_flops() * images * cfg["epochs"]
 
 
 def _missing(report: dict, seeds: list[int]) -> list[dict]:
@@ -344,23 +347,23 @@ def markdown(report: dict, *, header: str, command: str) -> str:
             lines += [*markdown_table(head2, stacked), ""]
     if report["missing"]:
         lines += ["## Missing cells", ""]
-        total, estimated = 0.0, False
         for m in report["missing"]:
-            need = len(SEEDS) - m["seeds"]
-            total += need * (m["per_run_s"] or 0.0) * 1.25  # evaluation and start-up on top of the training time
-            estimated |= m["estimated"]
             lines.append(f"- {m['regime']} × {m['arm']}: {m['seeds']}/{len(SEEDS)} seeds")
         lines.append("")
-        lines.append(
-            f"At the measured speed (one thread per run), they need about {total / 3600:.1f} core-hours more "
-            f"({total / 7200:.1f} h with --jobs 2)"
-            + (
-                "; a regime with no finished run is estimated from a measured one, scaled by forward FLOPs "
-                "per image times the images trained on."
-                if estimated
-                else "."
+        if any(m["per_run_s"] is None for m in report["missing"]):
+            lines.append("No run has finished yet, so there is no speed to estimate their time from.")
+        else:  # evaluation and start-up (x1.25) on top of the training time
+            total = sum((len(SEEDS) - m["seeds"]) * m["per_run_s"] * 1.25 for m in report["missing"])
+            lines.append(
+                f"At the measured speed (one thread per run), they need about {total / 3600:.1f} core-hours more "
+                f"({total / 7200:.1f} h with --jobs 2)"
+                + (
+                    "; a regime with no finished run is estimated from a measured one, scaled by forward FLOPs "
+                    "per image times the images trained on."
+                    if any(m["estimated"] for m in report["missing"])
+                    else "."
+                )
             )
-        )
     return "\n".join(lines) + "\n"
 
 
