@@ -18,9 +18,10 @@ Two more designs separate what the branch does (`ODEOptions`):
   what the original does, always; backward adds the vector-Jacobian product of the branch's `E(z1)` (with
   dst's gradient as the vector) to src's gradient, bounded to ``inject`` times the norm of the gradient
   src gets from the network and ramped up over ``inject_warmup`` training steps. The branch's own
-  parameters are trained to mimic the stage, on the gradient of ``mean((E(z1) - h_dst)²)`` alone, so the
-  injected gradient estimates the stage's with a smoother map. `gcsurgery.strip` then gives back the
-  original architecture with the weights so trained.
+  parameters are trained to mimic the stage, on the gradient of ``mean((E(z1) - h_dst)²)`` alone (its norm
+  clipped to ``fit_clip``), so the injected gradient estimates the stage's with a smoother map. A non-finite
+  injection or regression gradient is dropped, never added, and counted (`GCODE.fit_stats`).
+  `gcsurgery.strip` then gives back the original architecture with the weights so trained.
 
 The default φ is depthwise-separable with the time as a learned per-channel bias,
 `φ(z, t) = pw(relu(dw3×3(z) + a·t + b))`, integrated in a plain Python loop (no host syncs; torchdiffeq's
@@ -108,6 +109,8 @@ class ODEOptions:
         inject: mode="gradient": the injected gradient's norm is at most this times the norm of the gradient
             src gets from the network (per batch).
         inject_warmup: mode="gradient": training steps over which that bound ramps up linearly from 0 (0: none).
+        fit_clip: mode="gradient": the norm to which the branch's regression gradient (all its parameters, one
+            step) is clipped, so that one bad batch cannot throw the branch's weights off; ``math.inf``: none.
         seed: seed of the private generator that initialises the branch, so that building branches
             leaves the global RNG untouched; None draws from the global RNG instead.
     """
@@ -129,6 +132,7 @@ class ODEOptions:
     mode: str = "branch"
     inject: float = 0.1
     inject_warmup: int = 100
+    fit_clip: float = 1.0
     seed: int | None = 0
 
     def __post_init__(self):
@@ -153,6 +157,8 @@ class ODEOptions:
             _fail("inject", self.inject, "a finite number >= 0 (the injected gradient's norm over the network's)")
         if not (_positive_int(self.inject_warmup) or self.inject_warmup == 0 and type(self.inject_warmup) is int):
             _fail("inject_warmup", self.inject_warmup, "an int >= 0 (training steps)")
+        if not (isinstance(self.fit_clip, int | float) and not isinstance(self.fit_clip, bool) and self.fit_clip > 0):
+            _fail("fit_clip", self.fit_clip, "a number > 0 (the branch's regression gradient norm; math.inf: no clip)")
         if self.ode_stride is not None and not _positive_int(self.ode_stride):
             _fail("ode_stride", self.ode_stride, "None or a positive int (1 runs the ODE at the destination's size)")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
@@ -371,10 +377,20 @@ class GCODE(nn.Module):
         else:  # the branch mimics the stage and adds nothing in forward; the steps set the injection's warm-up
             self.register_buffer("gate", torch.ones(out_chs), persistent=False)
             self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+            for name in ("clipped", "dropped"):  # counted on the device (no sync), read by fit_stats
+                self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 
     @property
     def nfe(self) -> int:
         return self._nfe
+
+    def fit_stats(self) -> dict[str, int]:
+        """Gradient mode: training ``steps`` so far, regression gradients ``clipped`` to ``fit_clip``, and
+        non-finite gradients ``dropped`` (injections or regression gradients left out), since the branch was
+        built or loaded. A branch whose drops keep growing has diverged and injects nothing. Reads the device."""
+        if self.options.mode != "gradient":
+            raise GCSurgeryError(f"fit_stats is for mode='gradient' branches; this one has mode={self.options.mode!r}")
+        return {name: int(getattr(self, name)) for name in ("steps", "clipped", "dropped")}
 
     def extra_repr(self) -> str:
         return (
@@ -468,19 +484,38 @@ class GCODE(nn.Module):
             if leaf.requires_grad:
                 injected["g"] = torch.autograd.grad(e, leaf, g, retain_graph=bool(params))[0]
             if params:
-                torch.autograd.backward(e, resid, inputs=params)
+                self._fit(params, torch.autograd.grad(e, params, resid, allow_unused=True))
 
         def on_src(g):  # src's gradient from the network: add the injection, bounded relative to it
             inj = injected.pop("g", None)
             if inj is None:
                 return None
-            scale = (o.inject * g.float().norm() / inj.float().norm().clamp_min(1e-30)).clamp(max=1.0) * warm
-            return g + inj * scale.to(g.dtype)
+            norm = inj.float().norm()
+            ok = norm.isfinite()  # a diverged branch must not reach the network: a 0-d test, no host sync
+            with torch.no_grad():
+                self.dropped += ~ok
+            scale = (o.inject * g.float().norm() / norm.clamp_min(1e-30)).clamp(max=1.0) * warm
+            return g + torch.where(ok, inj * scale.to(g.dtype), 0)
 
         dst.register_hook(on_dst)
         if leaf.requires_grad:
             src.register_hook(on_src)
         return dst
+
+    def _fit(self, params, grads) -> None:
+        """Accumulates the regression gradients into the parameters' ``.grad``, their joint norm clipped to
+        ``fit_clip``; a non-finite one is dropped (all of it) and counted."""
+        pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for _, g in pairs]))
+        ok = norm.isfinite()
+        clip = self.options.fit_clip
+        with torch.no_grad():
+            self.clipped += ok & (norm > clip)
+            self.dropped += ~ok
+        scale = (clip / norm.clamp_min(1e-30)).clamp(max=1.0)
+        for p, g in pairs:
+            g = torch.where(ok, g * scale.to(g.dtype), 0)
+            p.grad = g if p.grad is None else p.grad + g
 
     def forward(self, src, dst):
         """Returns dst + γ ⊙ E(z1) (gradient mode: dst itself), with dst's shape, layout and dtype."""

@@ -167,6 +167,8 @@ BAD = [
     ("mode", "exact", "('branch', 'gradient')"),
     ("inject", -0.1, ">= 0"),
     ("inject_warmup", 2.5, "an int >= 0"),
+    ("fit_clip", 0, "a number > 0"),
+    ("fit_clip", math.nan, "a number > 0"),
     ("step_size", 0, "(0, 1]"),
     ("step_size", 1.5, "(0, 1]"),
     ("rtol", -1e-3, "positive"),

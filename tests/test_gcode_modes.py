@@ -1,6 +1,7 @@
 """The GC-ODE designs beside the paper's branch: no ODE solve (a linear shortcut) and the gradient-only mode."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -53,6 +54,16 @@ def _grads(model, x, y, *, with_branch: bool):
     return logits, src.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out, dst
 
 
+def _mse_grads(model, x):
+    """The branch's parameters' gradients of mean((E(z1) - dst)²), unclipped, from a copy of it."""
+    ref = copy.deepcopy(model.branch)
+    with torch.no_grad():
+        src = model.stem(x)
+        dst = model.stage(src)
+    F.mse_loss(ref._output(src, dst), dst).backward()
+    return [q.grad for q in ref.parameters()]
+
+
 def test_gradient_mode_forward_is_the_stage_and_backward_adds_a_bounded_vjp():
     torch.manual_seed(0)
     model = Chain(ODEOptions(mode="gradient", inject=0.2, inject_warmup=2))
@@ -71,14 +82,32 @@ def test_gradient_mode_forward_is_the_stage_and_backward_adds_a_bounded_vjp():
             assert 0 < extra.norm() <= min(1, step / 2) * 0.2 * plain[1].norm() * (1 + 1e-5)
             assert not torch.equal(grads["stem.weight"], plain[2]["stem.weight"])
     # the branch learns to mimic the stage: its gradient is that of mean((E(z1) - dst)²) alone
-    ref = copy.deepcopy(model.branch)
-    with torch.no_grad():
-        src = model.stem(x)
-        dst = model.stage(src)
-    with torch.enable_grad():
-        F.mse_loss(ref._output(src, dst), dst).backward()
-    for (n, p), q in zip(model.branch.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=n)
+    for (n, p), g in zip(model.branch.named_parameters(), _mse_grads(model, x), strict=True):
+        torch.testing.assert_close(p.grad, g, msg=n)  # below fit_clip (1): not clipped
+
+
+def test_gradient_mode_clips_the_regression_and_keeps_a_diverged_branch_out_of_the_network():
+    torch.manual_seed(0)
+    model = Chain(ODEOptions(mode="gradient", inject_warmup=0, fit_clip=1e-4))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    plain = _grads(model, x, y, with_branch=False)
+    want = _mse_grads(model, x)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want]))
+    assert norm > 1e-4
+    _, src_grad, grads, _, _ = _grads(model, x, y, with_branch=True)
+    for (n, p), g in zip(model.branch.named_parameters(), want, strict=True):  # scaled to norm fit_clip
+        torch.testing.assert_close(p.grad, g * (1e-4 / norm), msg=n)
+    assert not torch.equal(src_grad, plain[1])  # the injection is on
+    assert model.branch.fit_stats() == {"steps": 1, "clipped": 1, "dropped": 0}
+    with torch.no_grad():  # the branch diverges: its output, its injection and its regression are NaN
+        model.branch.expand.weight[0, 0] = math.nan
+    _, src_grad, grads, _, _ = _grads(model, x, y, with_branch=True)
+    assert torch.equal(src_grad, plain[1])  # the network's gradient, exactly: nothing non-finite added
+    assert all(torch.equal(grads[n], plain[2][n]) for n in plain[2])
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.branch.parameters())  # dropped, not NaN
+    assert model.branch.fit_stats() == {"steps": 2, "clipped": 1, "dropped": 2}  # the injection and the fit
+    with pytest.raises(gcsurgery.GCSurgeryError, match="mode='gradient'"):
+        GCODE(8, 16, (8, 8), (4, 4)).fit_stats()
 
 
 def test_gradient_mode_is_exact_in_eval_under_no_grad_and_when_neutral():

@@ -101,6 +101,10 @@ def _literal(text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        pass
+    try:
+        return float(text)  # inf, which Python writes as no literal
+    except ValueError:
         return text  # a bare word: a string option such as solver=rk4
 
 

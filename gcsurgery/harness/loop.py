@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GCSurgeryError
+from ..gcode import GCODE
 from ..optim import needs_closure
 from .loader import mix_seed
 
@@ -229,6 +230,13 @@ def gc_summary(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, float]] 
         return None
     keep = ("ratio", "next_grad_dot", "trust")
     return {site: {k: d[k] for k in keep if k in d} for site, d in optimizer.gc_stats().items()}
+
+
+def ode_summary(model: torch.nn.Module) -> dict[str, dict[str, int]] | None:
+    """Per gradient-mode GC-ODE branch, its `GCODE.fit_stats` (steps, clipped and dropped gradients so far);
+    None without such branches."""
+    branches = [(n, m) for n, m in model.named_modules() if isinstance(m, GCODE) and m.options.mode == "gradient"]
+    return {n: m.fit_stats() for n, m in branches} or None
 
 
 def setup_device(name: str = "auto") -> tuple[torch.device, int, int]:

@@ -28,7 +28,7 @@ from ..rewrite import is_gcified
 from .arms import arm_spec, build_arm, build_optimizer, gcw_site_names
 from .config import RunConfig, config_diff
 from .datasets import Data
-from .loop import evaluate, gc_summary, make_schedule, seed_epoch, train_one_epoch
+from .loop import evaluate, gc_summary, make_schedule, ode_summary, seed_epoch, train_one_epoch
 from .models import build_model
 from .report import plot_curves
 
@@ -293,6 +293,8 @@ class Run:
         )  # fmt: skip
         if (gc := gc_summary(self.opt)) is not None:
             row["gc_stats"] = gc
+        if (ode := ode_summary(self.net)) is not None:
+            row["ode_stats"] = ode
         if "diagnostics" in tr:
             row["diagnostics"] = tr["diagnostics"]
         row["epoch_time"] = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Arms: specs and variants, the arm's model and sites, and the base optimizers (torch and timm)."""
 
 import copy
+import math
 import re
 
 import pytest
@@ -54,6 +55,7 @@ def test_arm_variants_parse_into_options_and_bad_specs_say_how_to_write_them():
     assert (a.gcw.horizons, a.gcw.seed, a.gcw.rho) == ((5, 50), 3, GCWOptions().rho)
     assert a.filename == "gcgd_ode.gate_init=0.1_ode.solver=rk4_gcw.horizons=_5_50__sites=convs"
     assert parse_arm("lookahead") == ArmSpec("lookahead", "lookahead")
+    assert parse_arm("gcode:ode.mode=gradient,ode.fit_clip=inf").ode.fit_clip == math.inf  # no literal for inf
     for spec, says in [
         ("adam", "unknown arm 'adam'"),
         ("lookahead:gcw.lr=0.1", "only ['gcw', 'gcode', 'gcgd'] take options"),

@@ -35,6 +35,14 @@ def test_eval_untrained_history_and_summary(data, tmp_path):
     assert not (tmp_path / "r.pt").exists()  # keep_checkpoint=False
 
 
+def test_gradient_mode_rows_report_the_branches_fit(data):
+    run = Run(RunConfig(subset="embedded", arm="gcode:ode.mode=gradient", **TINY), data)
+    row = run.train_epoch()
+    assert "gc_stats" not in row and len(row["ode_stats"]) == 3  # one per branch of the ResNet-20
+    assert all(s["steps"] == 2 and s["dropped"] == 0 and 0 <= s["clipped"] <= 2 for s in row["ode_stats"].values())
+    assert "ode_stats" not in Run(RunConfig(subset="embedded", arm="gcode", **TINY), data).train_epoch()
+
+
 def test_runs_in_turns_equal_runs_alone(data):
     cfg = RunConfig(subset="embedded", arm="gcgd", **TINY)
     alone = Run(cfg, data)
