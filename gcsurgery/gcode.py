@@ -513,9 +513,9 @@ class GCODE(nn.Module):
             self.clipped += ok & (norm > clip)
             self.dropped += ~ok
         scale = (clip / norm.clamp_min(1e-30)).clamp(max=1.0)
-        for p, g in pairs:
-            g = torch.where(ok, g * scale.to(g.dtype), 0)
-            p.grad = g if p.grad is None else p.grad + g
+        with torch.enable_grad():  # through each parameter's AccumulateGrad, where DDP's reducer hooks sit
+            views = [p.view_as(p) for p, _ in pairs]
+        torch.autograd.backward(views, [torch.where(ok, g * scale.to(g.dtype), 0) for _, g in pairs])
 
     def forward(self, src, dst):
         """Returns dst + γ ⊙ E(z1) (gradient mode: dst itself), with dst's shape, layout and dtype."""

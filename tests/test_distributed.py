@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gcsurgery import GCOptimizer, GCWOptions, cifar_resnet, gcify
+from gcsurgery import GCOptimizer, GCWOptions, ODEOptions, cifar_resnet, gcify
 
 STEPS = 3
 
@@ -56,6 +56,7 @@ def main(out_dir: str, backend: str) -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     result = {
         "losses": losses,
+        "gradient_mode": gradient_mode_under_ddp(world),
         "gate_grad_norm": sum(float(gr.norm()) for n, gr in ode_grads.items() if n.endswith("gate")),
         "gc_stats": opt.gc_stats(),
         "seconds": time.perf_counter() - start,
@@ -64,6 +65,25 @@ def main(out_dir: str, backend: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
+
+
+def gradient_mode_under_ddp(world: int) -> dict:
+    """Gradient-mode branches train their parameters in a backward of their own, inside the network's: under
+    DDP those gradients must be reduced too. Returns the branches' fit_stats and whether the ranks agree."""
+    torch.manual_seed(0)
+    model = gcify(cifar_resnet(20), example_inputs=(1, 3, 16, 16), ode=ODEOptions(mode="gradient", inject_warmup=0))
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(200 + dist.get_rank())
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(net(torch.randn(4, 3, 16, 16, generator=g)), torch.randint(0, 10, (4,), generator=g)).backward()
+        opt.step()
+    flat = torch.cat([p.detach().flatten() for p in model.gc.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    stats = [m.fit_stats() for m in model.gc.modules() if hasattr(m, "fit_stats")]
+    return {"ranks_agree": all(torch.equal(gathered[0], t) for t in gathered), "fit_stats": stats}
 
 
 # aot_eager captures the same graphs as inductor (Dynamo, DDP's bucketed graph splitting, AOTAutograd) in ~40 s on
@@ -81,6 +101,8 @@ def test_gcify_ddp_compile_under_torchrun(backend, tmp_path):
     assert params[0].keys() == params[1].keys()
     assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])  # ... and stayed identical
     assert results[0]["gate_grad_norm"] > 0
+    grad_mode = results[0]["gradient_mode"]  # gradient-mode branches: their own gradients reduced across ranks
+    assert grad_mode["ranks_agree"] and [s["steps"] for s in grad_mode["fit_stats"]] == [2, 2, 2]
     assert set(results[0]["gc_stats"]) == {f"layer{i}.2.conv2.weight" for i in (1, 2, 3)}
 
 
