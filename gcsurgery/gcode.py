@@ -385,9 +385,10 @@ class GCODE(nn.Module):
         return self._nfe
 
     def fit_stats(self) -> dict[str, int]:
-        """Gradient mode: training ``steps`` so far, regression gradients ``clipped`` to ``fit_clip``, and
-        non-finite gradients ``dropped`` (injections or regression gradients left out), since the branch was
-        built or loaded. A branch whose drops keep growing has diverged and injects nothing. Reads the device."""
+        """Gradient mode: training ``steps`` (saved with the weights: they set the warm-up), and since this module
+        was built (not saved) regression gradients ``clipped`` to ``fit_clip`` and non-finite gradients
+        ``dropped`` (an injection and a regression gradient count one each). A branch whose drops keep growing
+        has diverged and adds nothing. Reads the device."""
         if self.options.mode != "gradient":
             raise GCSurgeryError(f"fit_stats is for mode='gradient' branches; this one has mode={self.options.mode!r}")
         return {name: int(getattr(self, name)) for name in ("steps", "clipped", "dropped")}
