@@ -507,7 +507,7 @@ class GCODE(nn.Module):
         """Accumulates the regression gradients into the parameters' ``.grad``, their joint norm clipped to
         ``fit_clip``; a non-finite one is dropped (all of it) and counted."""
         pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-        norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for _, g in pairs]))
+        norm = torch.nn.utils.get_total_norm([g for _, g in pairs]).float()  # no sync; NaN if any is
         ok = norm.isfinite()
         clip = self.options.fit_clip
         with torch.no_grad():
