@@ -197,3 +197,30 @@ def test_gcw_mechanism_pairs_each_records_cosines_by_epoch(tmp_path):
     (tmp_path / "plain" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_acc": 0.5}) + "\n")
     refused = run("gcw_mechanism.py", str(tmp_path / "plain"), check=False)
     assert refused.returncode != 0 and "has no GC-W records" in refused.stderr
+
+
+def test_regime_mechanism_reproduces_the_map_runs_and_diagnoses_their_weights(tmp_path):
+    mapped = tmp_path / "map"
+    run("regimes.py", "--quick", "--out", str(mapped), "--regimes", "resnet20", "--arms", "gcode", "--seeds", "0")
+    out = tmp_path / "mech"
+    argv = ["--quick", "--regime", "resnet20", "--arms", "baseline", "gcode", "--seeds", "0", "--every", "1",
+            "--samples", "8", "--calibration", "16", "--out", str(out), "--map-runs", str(mapped / "runs")]  # fmt: skip
+    done = run("regime_mechanism.py", *argv)
+    assert "resnet20 gcode seed 0 epoch 2" in done.stdout
+    res = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    base, gc = res["baseline"], res["gcode"]
+    for r in (base, gc):  # trained alone with the recorder, each ends where the map's run of it did
+        assert r["reproduces"]["equal"] is True and r["reproduces"]["map_final_val_acc"] == r["final_val_acc"]
+    start = [s["grad_norm"] for s in base["insertion"]["states"]]  # same initial weights, gates at zero
+    assert [s["grad_norm"] for s in gc["insertion"]["states"]] == pytest.approx(start, rel=1e-5)
+    assert all(b["share"] == 0 for b in gc["insertion"]["branches"])
+    assert len(gc["gates"]) == 3 and all(g > 0 for g in gc["gates"].values())  # the last epoch's weights, not epoch 0's
+    assert all(b["share"] > 0 for b in gc["final"]["branches"]) and not base["gates"]
+    assert len(gc["epochs"]) == 2 and gc["epochs"][1]["stage3"]["grad_norm"] > 0
+    md = (out / "results.md").read_text()
+    assert "stage weight-gradient norm" in md and "| gcode | 2 |" in md and "(= the map's)" in md
+    assert (out / "norm_profile.png").read_bytes()[:4] == b"\x89PNG"
+    again = run("regime_mechanism.py", *argv)  # resumes: every run is there
+    assert "epoch" not in " ".join(line for line in again.stdout.splitlines() if line.startswith("resnet20 "))
+    refused = run("regime_mechanism.py", "--quick", "--arms", "gcode:ode.gate=1", "--out", str(out), check=False)
+    assert refused.returncode == 1 and "cannot read 'ode.gate=1'" in refused.stderr
