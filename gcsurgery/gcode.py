@@ -14,6 +14,8 @@ Two more designs separate what the branch does (`ODEOptions`):
 
 - ``solver="none"``: no ODE solve, z1 = z0; the branch is `h_dst + γ ⊙ E(R(h_src))`, a linear
   stage-spanning shortcut (the ablation that says whether the ODE matters).
+- ``out_clip``: each sample's correction is bounded to that multiple of its `h_dst`'s norm, so the
+  branch cannot outgrow the stage it spans (off by default; counted in `GCODE.fit_stats`).
 - ``mode="gradient"``: the forward returns `h_dst` itself at every step, so the network computes exactly
   what the original does, always; backward adds the vector-Jacobian product of the branch's `E(z1)` (with
   dst's gradient as the vector) to src's gradient, bounded to ``inject`` times the norm of the gradient
@@ -111,6 +113,10 @@ class ODEOptions:
         inject_warmup: mode="gradient": training steps over which that bound ramps up linearly from 0 (0: none).
         fit_clip: mode="gradient": the norm to which the branch's regression gradient (all its parameters, one
             step) is clipped, so that one bad batch cannot throw the branch's weights off; ``math.inf``: none.
+        out_clip: mode="branch": each sample's correction γ ⊙ E(z1) is scaled down to at most this times the
+            norm of its h_dst (one factor per sample, 1 where it is already smaller), so that the branch cannot
+            outgrow the stage it spans; ``math.inf``: no bound. Where it does not bind the output is
+            bit-identical to the unbounded one.
         seed: seed of the private generator that initialises the branch, so that building branches
             leaves the global RNG untouched; None draws from the global RNG instead.
     """
@@ -133,6 +139,7 @@ class ODEOptions:
     inject: float = 0.1
     inject_warmup: int = 100
     fit_clip: float = 1.0
+    out_clip: float = math.inf
     seed: int | None = 0
 
     def __post_init__(self):
@@ -159,6 +166,10 @@ class ODEOptions:
             _fail("inject_warmup", self.inject_warmup, "an int >= 0 (training steps)")
         if not (isinstance(self.fit_clip, int | float) and not isinstance(self.fit_clip, bool) and self.fit_clip > 0):
             _fail("fit_clip", self.fit_clip, "a number > 0 (the branch's regression gradient norm; math.inf: no clip)")
+        if not (isinstance(self.out_clip, int | float) and not isinstance(self.out_clip, bool) and self.out_clip > 0):
+            _fail(
+                "out_clip", self.out_clip, "a number > 0 (the correction's norm over dst's per sample; math.inf: none)"
+            )
         if self.ode_stride is not None and not _positive_int(self.ode_stride):
             _fail("ode_stride", self.ode_stride, "None or a positive int (1 runs the ODE at the destination's size)")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
@@ -374,6 +385,7 @@ class GCODE(nn.Module):
             self.expand = nn.Conv2d(r, out_chs, 1)  # E
         if options.mode == "branch":
             self.gate = nn.Parameter(torch.full((out_chs,), float(options.gate_init)))  # γ
+            self.register_buffer("capped", torch.zeros((), dtype=torch.long), persistent=False)
         else:  # the branch mimics the stage and adds nothing in forward; the steps set the injection's warm-up
             self.register_buffer("gate", torch.ones(out_chs), persistent=False)
             self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -385,12 +397,14 @@ class GCODE(nn.Module):
         return self._nfe
 
     def fit_stats(self) -> dict[str, int]:
-        """Gradient mode: training ``steps`` (saved with the weights: they set the warm-up), and since this module
-        was built (not saved) regression gradients ``clipped`` to ``fit_clip`` and non-finite gradients
-        ``dropped`` (an injection and a regression gradient count one each). A branch whose drops keep growing
-        has diverged and adds nothing. Reads the device."""
-        if self.options.mode != "gradient":
-            raise GCSurgeryError(f"fit_stats is for mode='gradient' branches; this one has mode={self.options.mode!r}")
+        """What the branch's bounds did since this module was built (counts not saved with the weights).
+
+        Gradient mode: training ``steps`` (saved with the weights: they set the warm-up), regression gradients
+        ``clipped`` to ``fit_clip`` and non-finite gradients ``dropped`` (an injection and a regression gradient
+        count one each); a branch whose drops keep growing has diverged and adds nothing. Branch mode: the
+        samples whose correction was ``capped`` to ``out_clip`` in training forwards. Reads the device."""
+        if self.options.mode == "branch":
+            return {"capped": int(self.capped)}
         return {name: int(getattr(self, name)) for name in ("steps", "clipped", "dropped")}
 
     def extra_repr(self) -> str:
@@ -526,4 +540,17 @@ class GCODE(nn.Module):
             raise GCSurgeryError(f"GC-ODE src and dst batch sizes differ: {src.shape[0]} and {dst.shape[0]}.")
         if self.options.mode == "gradient":
             return self._inject(src, dst)
-        return dst + self._output(src, dst)
+        e = self._output(src, dst)
+        if self.options.out_clip != math.inf:
+            e = self._clip_output(e, dst)
+        return dst + e
+
+    def _clip_output(self, e, dst):
+        """e scaled per sample to at most ``out_clip`` × ‖dst‖ (factor 1, exactly, where it is smaller)."""
+        dims = tuple(range(1, e.dim()))
+        ne = torch.linalg.vector_norm(e, dim=dims, dtype=torch.float32)
+        nd = torch.linalg.vector_norm(dst, dim=dims, dtype=torch.float32)
+        k = (self.options.out_clip * nd / ne.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+        if self.training and torch.is_grad_enabled():
+            self.capped += (k < 1).sum()  # on the device: no sync
+        return e * k.to(e.dtype).view(-1, *(1,) * (e.dim() - 1))

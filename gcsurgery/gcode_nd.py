@@ -60,11 +60,12 @@ class GCODEND(nn.Module):
         if len(sizes[0]) not in CONVS or len(sizes[0]) != len(sizes[1]):
             raise GCSurgeryError(f"GCODEND takes 1-D or 3-D sizes of one dimensionality, got {in_size} and {out_size}.")
         supported = options.solver in STAGES and options.phi == "dwsep" and options.norm == "none"
-        if not supported or options.adjoint or options.mode != "branch":
+        if not supported or options.adjoint or options.mode != "branch" or options.out_clip != math.inf:
             raise GCSurgeryError(
                 f"1-D and 3-D GC-ODE branches support solver in {tuple(STAGES)}, adjoint=False, phi='dwsep', "
-                f"norm='none' and mode='branch'; got solver={options.solver!r}, adjoint={options.adjoint}, "
-                f"phi={options.phi!r}, norm={options.norm!r}, mode={options.mode!r}."
+                f"norm='none', mode='branch' and out_clip=math.inf; got solver={options.solver!r}, "
+                f"adjoint={options.adjoint}, phi={options.phi!r}, norm={options.norm!r}, mode={options.mode!r}, "
+                f"out_clip={options.out_clip!r}."
             )
         self.in_chs, self.out_chs, (self.in_size, self.out_size) = in_chs, out_chs, sizes
         self.dims, self.options = len(sizes[0]), options

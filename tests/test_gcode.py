@@ -169,6 +169,8 @@ BAD = [
     ("inject_warmup", 2.5, "an int >= 0"),
     ("fit_clip", 0, "a number > 0"),
     ("fit_clip", math.nan, "a number > 0"),
+    ("out_clip", 0, "a number > 0"),
+    ("out_clip", True, "a number > 0"),
     ("step_size", 0, "(0, 1]"),
     ("step_size", 1.5, "(0, 1]"),
     ("rtol", -1e-3, "positive"),

@@ -29,6 +29,42 @@ def test_solver_none_is_a_linear_shortcut_without_phi():
     assert all(p.grad is not None for p in branch.parameters())
 
 
+def test_out_clip_bounds_each_samples_correction_by_its_dst_and_counts_it():
+    src, dst = _pair()
+    free = GCODE(8, 16, (8, 8), (4, 4), options=ODEOptions(gate_init=1.0))
+    e = (free(src, dst) - dst).detach()  # the unbounded correction
+    ratio = e.flatten(1).norm(dim=1) / dst.flatten(1).norm(dim=1)
+    clip = float(ratio.mean())  # between the two samples' ratios: one is scaled down, the other kept
+    assert ratio.min() < clip < ratio.max()
+    bounded = GCODE(8, 16, (8, 8), (4, 4), options=ODEOptions(gate_init=1.0, out_clip=clip))
+    bounded.load_state_dict(free.state_dict())
+    out = bounded(src, dst)
+    big = int(ratio.argmax())
+    k = clip * dst[big].norm() / e[big].norm()
+    torch.testing.assert_close(out[big], dst[big] + k * e[big])  # scaled to clip x its dst's norm
+    assert torch.equal(out[1 - big], free(src, dst)[1 - big])  # where it does not bind: bit-identical
+    assert bounded.fit_stats() == {"capped": 1}  # one sample, one training forward
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in bounded.parameters())
+    with torch.no_grad():
+        bounded(src, dst)
+    assert bounded.fit_stats() == {"capped": 1}  # counted in training forwards only
+    assert "capped" not in bounded.state_dict()  # a count, not a weight
+
+
+def test_out_clip_keeps_a_gcified_model_exact_at_insertion_and_reports_through_the_harness():
+    from gcsurgery.harness.loop import ode_summary
+
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet20", num_classes=10, in_chans=1)
+    x = torch.randn(2, 1, 32, 32)
+    gm = gcsurgery.gcify(model, example_inputs=x, ode=ODEOptions(out_clip=1.0))  # gcify verifies it exact
+    model.eval(), gm.eval()
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert ode_summary(gm) == {f"gc.ode.{i}": {"capped": 0} for i in range(3)}
+    assert ode_summary(gcsurgery.gcify(model, example_inputs=x)) is None  # no bound, nothing to report
+
+
 class Chain(nn.Module):
     """src -> stage -> dst -> head, with a gradient-mode branch across the stage."""
 
@@ -146,7 +182,7 @@ def test_a_gradient_mode_model_stays_the_original_network_through_training():
     assert not torch.equal(twin.conv1.weight, model.conv1.weight)  # trained weights, the user's architecture
 
 
-@pytest.mark.parametrize("options", [ODEOptions(mode="gradient"), ODEOptions(solver="none")])
+@pytest.mark.parametrize("options", [ODEOptions(mode="gradient"), ODEOptions(solver="none"), ODEOptions(out_clip=1.0)])
 def test_the_nd_branches_refuse_the_2d_only_designs(options):
     from gcsurgery.gcode_nd import GCODEND
 

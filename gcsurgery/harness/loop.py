@@ -233,9 +233,13 @@ def gc_summary(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, float]] 
 
 
 def ode_summary(model: torch.nn.Module) -> dict[str, dict[str, int]] | None:
-    """Per gradient-mode GC-ODE branch, its `GCODE.fit_stats` (steps, clipped and dropped gradients so far);
-    None without such branches."""
-    branches = [(n, m) for n, m in model.named_modules() if isinstance(m, GCODE) and m.options.mode == "gradient"]
+    """Per GC-ODE branch with a bound (gradient mode, or ``out_clip`` set), its `GCODE.fit_stats` (steps, clipped
+    and dropped gradients, or capped samples, so far); None without such branches."""
+    branches = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, GCODE) and (m.options.mode == "gradient" or m.options.out_clip != math.inf)
+    ]
     return {n: m.fit_stats() for n, m in branches} or None
 
 
