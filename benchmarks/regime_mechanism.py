@@ -125,7 +125,7 @@ def run_one(regime: str, arm: str, seed: int, args) -> dict:
     }
     summary = run.finish()
     out["recorder"], out["epochs"] = _recorder_means(run.history)
-    out["losses"] = [row["train_loss"] for row in run.history if row.get("epoch", 0) > 0]
+    out["losses"] = [row["train_loss"] for row in run.history if row.get("epoch", 0) > 0]  # per epoch
     out["records"] = [rec for row in run.history for rec in row.get("diagnostics", [])]
     out["final_val_acc"] = summary["final_val_acc"]
     mapped = tta.run_file(Path(args.map_runs) / regime, arm, seed, ".json")
@@ -197,6 +197,8 @@ def epoch_table(results: list[dict], arms: list[str]) -> str:
         for r in results
         if "reproduces" in r
     ]
+    loss = {a: _fmt([r["losses"][-1] for r in results if r["arm"] == a]) for a in arms}
+    lines += ["", "training loss of the last epoch: " + ", ".join(f"{a} {v}" for a, v in loss.items())]
     if rep:
         lines += ["", "final validation accuracy: " + "; ".join(rep)]
     return "\n".join(lines) + "\n"
@@ -208,7 +210,9 @@ def report(out: Path, regime: str, arms: list[str], command: str) -> str:
     if not results:
         raise GCSurgeryError(f"no finished runs of {regime} {arms} in {out}; run without --report first")
     arms = [a for a in arms if any(r["arm"] == a for r in results)]
-    text = f"`{command}`\n\n" + table(results, [regime], arms) + epoch_table(results, arms)
+    steps = table(results, [regime], arms).splitlines()  # its loss line means the last 10 steps; ours are epochs
+    text = "\n".join(line for line in steps if not line.startswith("train loss, mean of the last 10 steps"))
+    text = f"`{command}`\n\n{text}\n" + epoch_table(results, arms)
     (out / "results.md").write_text(text)
     save_atomic({"command": command, "results": results}, out / "results.json")
     plots(results, [regime], arms, out)
